@@ -24,7 +24,9 @@ score has to give a number for every patient, the way a bedside calculator does.
 * an absent column is treated as missing in every row, never as an error, so the scores run on any
   subset of the schema.
 
-The Ferritin:ESR ratio is a ratio, not a points score: it stays NaN when it cannot be computed.
+The Ferritin:ESR ratio is a ratio, not a points score: it stays NaN when it cannot be computed. The
+MS score is a weighted sum, so a missing term contributes 0; because 0 is not neutral for its negative
+terms, ``ms_score_met`` is only claimed when those terms are recorded (see its docstring).
 
 Every function takes the whole frame and returns a Series aligned to its index and named after the
 function, computed column-wise with numpy (the scores run on 100,000-row cohorts). ``add_scores``
