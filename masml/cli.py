@@ -1,0 +1,152 @@
+"""The ``masml`` command line: one program, a sub-command per job, each with ``--help``.
+
+Commands stay thin: they parse arguments, call one library function and print. Anything a data
+scientist might script lives in the library, not here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from masml import __version__
+
+app = typer.Typer(
+    name="masml",
+    help="Clinical risk models for macrophage activation syndrome: data, scores, training, serving.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+DEFAULT_COHORT = Path("data/cohort.parquet")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )  # fmt: skip
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _simulate_with_progress(n: int, seed: int):
+    from masml.cohort import simulate
+
+    with _progress() as bar:
+        task = bar.add_task(f"simulating {n:,} patients", total=n)
+        return simulate(n, seed=seed, on_progress=lambda have: bar.update(task, completed=min(have, n)))
+
+
+@app.command()
+def cohort(
+    n: int = typer.Option(20_000, "--n", min=1, help="Number of patients."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed and n give the same cohort."),
+    out_path: Path = typer.Option(DEFAULT_COHORT, "--out", help="Output file, .csv or .parquet."),
+) -> None:
+    """Write a synthetic cohort (model inputs + labels) and, beside it, its ground truth (FILE.truth.EXT)."""
+    from masml.cohort import write_cohort
+
+    c = _simulate_with_progress(n, seed)
+    data_path, truth_path = write_cohort(c, out_path)
+    _print_summary(c.data, c.truth)
+    out.print(f"cohort: {data_path}\nground truth: {truth_path}")
+
+
+@app.command()
+def score(
+    file: Path = typer.Argument(..., help="Dataset in masml's schema (.csv or .parquet)."),
+    units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
+    out_path: Path = typer.Option(..., "--out", help="Output file with every clinical score added."),
+) -> None:
+    """Add every clinical score (HScore, HLH-2004, 2016 criteria, MS score, DIC, ...) as columns."""
+    from masml.io import load_dataset, write_table
+    from masml.scores import add_scores
+
+    frame = _load(file, units, load_dataset)
+    write_table(add_scores(frame), out_path)
+    out.print(f"scores for {len(frame):,} patients: {out_path}")
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="Dataset in masml's schema (.csv or .parquet)."),
+    units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
+) -> None:
+    """Check a dataset against the schema and report every problem at once (exit code 1 if any)."""
+    from masml.io import load_dataset
+
+    frame = _load(file, units, load_dataset)
+    for note in frame.attrs.get("validation_notes", []):
+        out.print(f"note: {note}")
+    out.print(f"valid: {len(frame):,} patients, {frame.shape[1]} columns")
+
+
+@app.command()
+def main(
+    n: int = typer.Option(20_000, "--n", min=1, help="Patients in the default cohort."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where the cohort is written."),
+) -> None:
+    """The main job: generate the default synthetic cohort and summarise it (training joins later)."""
+    cohort(n=n, seed=seed, out_path=data_dir / "cohort.parquet")
+
+
+@app.command()
+def version() -> None:
+    """Print masml's version."""
+    out.print(__version__)
+
+
+def _load(file: Path, units: Path | None, load_dataset):
+    from masml.units import UnitError
+    from masml.validation import SchemaValidationError
+
+    try:
+        return load_dataset(file, units)
+    except SchemaValidationError as err:
+        console.print(str(err), highlight=False, markup=False)
+        raise typer.Exit(code=1) from None
+    except (UnitError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+
+
+def _print_summary(data, truth) -> None:
+    from masml.summary import cohort_summary
+
+    s = cohort_summary(data, truth)
+    table = Table(title="cohort summary", show_header=False)
+    rows = [
+        ("patients", f"{s['patients']:,}"),
+        ("MAS (present or within 7 days)", f"{s['mas_prevalence']:.1%}"),
+        ("children (< 16 y)", f"{s['children_share']:.1%}"),
+        ("median age", f"{s['age_median']:.0f} y"),
+        ("ICU within 7 days (MAS)", f"{s['icu_rate_mas']:.1%}"),
+        ("IL-1 blockade within 48 h (MAS)", f"{s['il1_treated_rate_mas']:.1%}"),
+        ("death within 28 days (MAS)", f"{s['death_28d_rate_mas']:.1%}"),
+    ]
+    rows += [(f"trigger family: {k}", f"{v:.1%}") for k, v in s["trigger_family_share"].items()]
+    if "ceiling_auroc_onset" in s:
+        rows += [
+            ("ceiling AUROC, onset (true probabilities)", f"{s['ceiling_auroc_onset']:.3f}"),
+            ("ceiling AUROC, ICU (true probabilities)", f"{s['ceiling_auroc_icu']:.3f}"),
+            ("mean true benefit of IL-1 blockade (MAS)", f"{s['mean_true_benefit']:+.3f}"),
+            ("share harmed by IL-1 blockade (MAS)", f"{s['share_harmed_by_il1']:.1%}"),
+        ]
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
