@@ -20,7 +20,7 @@ def input_spec(names: Sequence[str] = INPUT_NAMES) -> list[dict]:
     spec = []
     for name in names:
         if name not in COLUMNS or name not in INPUT_NAMES:
-            raise ValueError(f"{name!r} is not a model input of the schema; expected one of {list(INPUT_NAMES)}")
+            raise ValueError(f"{name!r} is not a model input; expected one of {list(INPUT_NAMES)}")
         c = COLUMNS[name]
         spec.append(
             {
