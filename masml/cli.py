@@ -36,7 +36,7 @@ def _progress() -> Progress:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -115,7 +115,7 @@ def _load(file: Path, units: Path | None, load_dataset):
     try:
         return load_dataset(file, units)
     except SchemaValidationError as err:
-        console.print(str(err), highlight=False, markup=False)
+        console.print(str(err), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
     except (UnitError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
