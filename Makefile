@@ -14,7 +14,7 @@ run: $(STAMP)
 	.venv/bin/masml main
 
 test: $(STAMP)
-	$(PY) -m ruff check masml tests bench pipelines serve
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 bench: $(STAMP)
