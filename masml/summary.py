@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
+from masml.evaluation import auroc  # re-exported: masml.summary.auroc predates masml.evaluation
 from masml.schema import GROUND_TRUTH_PREFIX, NUMERIC_INPUTS, TRIGGER_FAMILY
 
-
-def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN if one class is absent."""
-    y, score = np.asarray(y, dtype=float), np.asarray(score, dtype=float)
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+__all__ = ["auroc", "cohort_summary"]
 
 
 def cohort_summary(data: pd.DataFrame, truth: pd.DataFrame | None = None) -> dict:
