@@ -7,6 +7,7 @@ scientist might script lives in the library, not here.
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -21,9 +22,10 @@ app = typer.Typer(
     help="Clinical risk models for macrophage activation syndrome: data, scores, training, serving.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals could hold patient rows
 )
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # logs and CI keep full tables
 
 DEFAULT_COHORT = Path("data/cohort.parquet")
 
@@ -92,14 +94,109 @@ def validate(
     out.print(f"valid: {len(frame):,} patients, {frame.shape[1]} columns")
 
 
+class Task(StrEnum):
+    onset = "onset"
+    icu = "icu"
+
+
+@app.command()
+def train(
+    task: Task = typer.Argument(..., help="Which model: onset (MAS onset) or icu (ICU need)."),
+    data: Path = typer.Option(..., "--data", help="Training data in masml's schema (.csv or .parquet)."),
+    units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
+    config: Path | None = typer.Option(None, "--config", help="YAML settings (default: configs/TASK.yaml)."),
+    out_dir: Path = typer.Option(..., "--out", help="Bundle folder to write (model.onnx + manifest.json)."),
+) -> None:
+    """Train, evaluate, explain and export one model; track the run in MLflow."""
+    result = _train(task.value, data, out_dir, units=units, config_path=config)
+    _print_comparison(task.value, result.comparison)
+    out.print(f"bundle: {result.bundle_dir}")
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="Bundle folder (model.onnx + manifest.json)."),
+    data: Path = typer.Option(..., "--data", help="Patients in masml's schema (.csv or .parquet)."),
+    units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
+    out_path: Path = typer.Option(..., "--out", help="CSV to write: patient_id and the model's outputs."),
+) -> None:
+    """Score patients from the bundle alone, through onnxruntime."""
+    from masml.bundle import BundleError
+    from masml.io import load_dataset, write_table
+    from masml.predict import predict_frame
+
+    frame = _load(data, units, load_dataset)
+    try:
+        scored = predict_frame(bundle, frame)
+    except BundleError as err:
+        _fail(str(err))
+    write_table(scored.drop(columns=["margin"], errors="ignore"), out_path)
+    out.print(f"scored {len(scored):,} patients: {out_path}")
+
+
 @app.command()
 def main(
     n: int = typer.Option(20_000, "--n", min=1, help="Patients in the default cohort."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where the cohort is written."),
+    models_dir: Path = typer.Option(Path("models"), "--models-dir", help="Where bundles are written."),
+    config_dir: Path | None = typer.Option(None, "--config-dir", help="Folder of TASK.yaml settings."),
 ) -> None:
-    """The main job: generate the default synthetic cohort and summarise it (training joins later)."""
-    cohort(n=n, seed=seed, out_path=data_dir / "cohort.parquet")
+    """The main job: generate the default cohort, train every model on it, export bundles, compare."""
+    data_path = data_dir / "cohort.parquet"
+    cohort(n=n, seed=seed, out_path=data_path)
+    for task in ("onset", "icu"):
+        config = config_dir / f"{task}.yaml" if config_dir else None
+        result = _train(task, data_path, models_dir / task, config_path=config)
+        _print_comparison(task, result.comparison)
+        out.print(f"{task} bundle: {result.bundle_dir}")
+
+
+def _train(task: str, data: Path, out_dir: Path, **options):
+    from masml.config import ConfigError
+    from masml.onnx_export import ParityError
+    from masml.training import TrainingDataError
+    from masml.units import UnitError
+    from masml.validation import SchemaValidationError
+    from pipelines.risk import run_risk_pipeline
+
+    try:
+        with console.status(f"training {task}..."):
+            log = lambda m: console.print(m, highlight=False)  # noqa: E731
+            return run_risk_pipeline(task, data, out_dir, log=log, **options)
+    except SchemaValidationError as err:
+        console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except (ConfigError, TrainingDataError, UnitError, ParityError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+def _print_comparison(task: str, comparison) -> None:
+    """Held-out metrics side by side; Δ is the AUROC gap to the ceiling (true probabilities), if known."""
+    table = Table(title=f"{task}: held-out performance (95% bootstrap CI)")
+    for name in ("model", "n", "AUROC [95% CI]", "Δ ceiling", "AUPRC", "Brier", "slope", "ECE"):
+        table.add_column(name, no_wrap=True)
+    for _, r in comparison.iterrows():
+        get = r.get
+        table.add_row(
+            str(get("model")),
+            str(int(get("rows", 0))),
+            f"{_cell(get('auroc'))} [{_cell(get('auroc_lo'))}, {_cell(get('auroc_hi'))}]",
+            _cell(get("auroc_diff")),
+            _cell(get("auprc")),
+            _cell(get("brier")),
+            _cell(get("calibration_slope")),
+            _cell(get("ece")),
+        )
+    out.print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.3f}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    return "" if value is None else str(value)
 
 
 @app.command()

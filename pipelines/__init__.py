@@ -1,0 +1,1 @@
+"""One pipeline per model, each composing library steps (see docs/architecture.md)."""

@@ -1,0 +1,275 @@
+"""The risk pipeline shared by MAS onset and ICU need: load, train, evaluate, explain, export, track.
+
+Each step is a library call; this file only decides their order and what is kept. It runs on any
+dataset in masml's schema. When the data is a simulated cohort with its ground truth beside it
+(``NAME.truth.EXT``), the true probabilities are evaluated too: the ceiling the model is judged against.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from masml import evaluation, explain, onnx_export, scores, tracking
+from masml.bundle import data_fingerprint, write_bundle
+from masml.cohort import truth_path_for
+from masml.config import Config, load_config
+from masml.encoding import encode_inputs, input_spec
+from masml.io import load_dataset, read_table
+from masml.predict import onnx_session
+from masml.schema import TRIGGER_FAMILY, age_band
+from masml.training import fit_logistic_baseline, select_population, split_holdout, tune_and_fit
+
+TRUTH_COLUMN = {"mas_onset": "true_p_mas_onset", "icu_admission": "true_p_icu_admission"}
+LABEL_DEFINITION = {
+    "mas_onset": ("MAS present or developing within 7 days of the snapshot", "7 days"),
+    "icu_admission": ("ICU admission within 7 days; defined for MAS patients", "7 days"),
+}
+POPULATION_TEXT = {
+    "all": "hospitalised patients with suspected hyperinflammation (every row with the label)",
+    "mas_only": "patients with MAS (mas_onset = 1) whose label is known",
+}
+# Clinical scores shown beside the model (higher = more likely MAS); the 2016 criteria and the MS score
+# are defined for sJIA/AOSD only and are evaluated on those patients (``SCORE_APPLIES``).
+BASELINE_SCORES: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
+    "hscore": scores.hscore,
+    "hlh2004": scores.hlh2004,
+    "mas2016": scores.mas2016,
+    "ms_score": scores.ms_score,
+    "ferritin": lambda df: df["ferritin"],
+}
+SCORE_APPLIES = {"mas2016": ("sjia", "aosd"), "ms_score": ("sjia", "aosd")}
+
+
+@dataclass
+class RiskRunResult:
+    bundle_dir: Path
+    manifest: dict
+    comparison: pd.DataFrame
+    test_report: dict
+    parity: dict
+    run_id: str = ""
+    registered_version: str = ""
+    champion_message: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _truth_for(data_path: Path, frame: pd.DataFrame, label: str) -> np.ndarray | None:
+    path = truth_path_for(data_path)
+    column = TRUTH_COLUMN.get(label)
+    if column is None or not path.exists():
+        return None
+    truth = read_table(path)
+    if column not in truth.columns:
+        return None
+    values = pd.to_numeric(truth.set_index("patient_id")[column], errors="raise")
+    return values.reindex(frame["patient_id"].astype(str)).to_numpy(dtype=float)
+
+
+def _score_predictions(test: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each clinical score on the rows it applies to: name -> (row mask, score)."""
+    out = {}
+    for name, fn in BASELINE_SCORES.items():
+        mask = np.ones(len(test), bool)
+        if name in SCORE_APPLIES:
+            mask = test["trigger"].isin(SCORE_APPLIES[name]).to_numpy()
+        values = fn(test).to_numpy(dtype=float)
+        mask = mask & ~np.isnan(values)
+        out[name] = (mask, values)
+    return out
+
+
+def run_risk_pipeline(
+    task: str,
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    units: str | Path | None = None,
+    config_path: str | Path | None = None,
+    config: Config | None = None,
+    log: Callable[[str], None] = print,
+    track: bool = True,
+) -> RiskRunResult:
+    """Train, evaluate, explain and export one risk model; track the run in MLflow."""
+    data_path, out_dir = Path(data_path), Path(out_dir)
+    config = config or load_config(config_path, task)
+    frame = load_dataset(data_path, units, require_labels=(config.label,))
+    pop, population = select_population(frame, config)
+    log(
+        f"{task}: {population.rows_used:,} rows used ({population.events:,} events); skipped "
+        f"{population.skipped_outside_population:,} outside the population and "
+        f"{population.skipped_label_missing:,} with no label"
+    )
+    y = pop[config.label].to_numpy(dtype=float)
+    groups = pop["patient_id"].astype(str).to_numpy()
+    train_idx, test_idx = split_holdout(y, groups, config.test_size, config.seed)
+    x = encode_inputs(pop, config.inputs)
+    model = tune_and_fit(
+        x[train_idx],
+        y[train_idx],
+        groups[train_idx],
+        config.inputs,
+        config,
+        on_trial=lambda t: log(f"  trial {t['number']}: CV log loss {t['value']:.4f}"),
+    )
+    baseline = fit_logistic_baseline(x[train_idx], y[train_idx], config.inputs, seed=config.seed)
+
+    # ---- held-out evaluation, beside the baselines and the ceiling
+    test = pop.iloc[test_idx].reset_index(drop=True)
+    x_test, y_test = x[test_idx], y[test_idx]
+    risk = model.predict_risk(x_test)
+    boot = {"n_boot": config.n_boot, "seed": config.seed}
+    report = evaluation.evaluate(y_test, risk, thresholds=config.thresholds, **boot)
+    predictions = {"model": risk, "logistic_baseline": baseline.predict_risk(x_test)}
+    truth = _truth_for(data_path, pop, config.label)
+    ceiling = truth[test_idx] if truth is not None else None
+    if ceiling is not None and not np.isnan(ceiling).any():
+        predictions["ceiling"] = ceiling
+    comparison = evaluation.compare(
+        y_test,
+        predictions,
+        reference="ceiling" if "ceiling" in predictions else None,
+        **boot,
+    ).reset_index()
+    comparison["rows"] = len(y_test)
+    score_rows = []
+    for name, (mask, values) in _score_predictions(test).items():
+        if mask.sum() >= 20 and len(np.unique(y_test[mask])) == 2:
+            row = evaluation.compare(y_test[mask], {name: values[mask]}, **boot).reset_index()
+            row["rows"] = int(mask.sum())
+            score_rows.append(row)
+    if score_rows:
+        comparison = pd.concat([comparison, *score_rows], ignore_index=True)
+    subgroups = {
+        "trigger_family": test["trigger"].map(TRIGGER_FAMILY).to_numpy(),
+        "age_band": test["age_years"].map(age_band).to_numpy(),
+        "sex": test["sex"].to_numpy(),
+    }
+    subgroup_table = evaluation.subgroup_report(y_test, risk, subgroups, seed=config.seed)
+
+    # ---- explanations (a sample of held-out rows keeps the run fast)
+    rng = np.random.default_rng(config.seed)
+    sample = np.sort(rng.choice(len(x_test), size=min(len(x_test), 2_000), replace=False))
+    expl = explain.shap_explanation(model.booster, model.features(x_test[sample]), model.feature_names)
+    importance = explain.global_importance(expl)
+
+    # ---- export: the whole scoring path in one graph, checked against the Python path
+    onnx_model = onnx_export.risk_model_to_onnx(
+        model.booster, model.spec, len(config.inputs), model.calibrator, input_names=list(config.inputs)
+    )
+    parity = onnx_export.parity_gate(onnx_model, model.booster, model.spec, model.calibrator, x_test)
+    log(f"{task}: ONNX parity max |Δrisk| = {parity['max_abs_diff_risk']:.2e} over {parity['n_rows']:,} rows")
+    label_text, horizon = LABEL_DEFINITION.get(config.label, (config.label, ""))
+    manifest = {
+        "task": task,
+        "model_name": config.registered_model,
+        "label": {"name": config.label, "definition": label_text, "horizon": horizon},
+        "population": {"rule": config.population, "description": POPULATION_TEXT[config.population]},
+        "inputs": input_spec(config.inputs),
+        "outputs": [
+            {"name": "risk", "meaning": f"calibrated probability of {config.label} (0-1)"},
+            {"name": "margin", "meaning": "model log-odds before calibration (explanations add up to it)"},
+        ],
+        "thresholds": list(config.thresholds),
+        "calibration": model.calibrator.kind,
+        "metrics": {
+            "test_rows": int(len(test_idx)),
+            "auroc": report["auroc"],
+            "auprc": report["auprc"],
+            "brier": report["brier"],
+            "calibration_slope": report["calibration_slope"],
+            "calibration_intercept": report["calibration_intercept"],
+            "ece": report["ece"],
+        },
+        "training_data": {
+            "source": str(data_path.name),
+            "fingerprint": data_fingerprint(frame),
+            "rows": int(len(frame)),
+            "rows_used": population.rows_used,
+            "train_rows": int(len(train_idx)),
+            "test_rows": int(len(test_idx)),
+            "synthetic": truth is not None,
+        },
+        "owner": config.owner,
+        "contact": config.contact,
+    }
+    model_bytes = onnx_model.SerializeToString()
+    bundle_dir = write_bundle(out_dir, model_bytes, manifest)
+    written = json.loads((bundle_dir / "manifest.json").read_text())
+    result = RiskRunResult(bundle_dir, written, comparison, report, parity)
+    result.extra = {
+        "importance": importance,
+        "subgroups": subgroup_table,
+        "population": population,
+        "model": model,
+    }
+    if track:
+        _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subgroup_table, log)
+    return result
+
+
+def _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subgroup_table, log) -> None:
+    import mlflow
+
+    with tracking.run(config.mlflow_experiment, f"{config.task}-seed{config.seed}") as active:
+        result.run_id = active.info.run_id
+        mlflow.log_params({f"config.{k}": v for k, v in _flat(config.to_dict()).items()})
+        mlflow.log_params({f"best.{k}": v for k, v in model.best_params.items()})
+        mlflow.log_param("n_rounds", model.n_rounds)
+        tracking.log_dataset(frame, result.manifest["training_data"]["source"], config.label, "training")
+        mlflow.log_metrics(tracking.flat_metrics("test", result.manifest["metrics"]))
+        mlflow.log_metric("cv_logloss", model.cv_logloss)
+        mlflow.log_metric("parity_max_abs_diff", result.parity["max_abs_diff_risk"])
+        for _, row in result.comparison.iterrows():
+            if np.isfinite(row.get("auroc", np.nan)):
+                mlflow.log_metric(f"compare.{row['model']}.auroc", float(row["auroc"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for path in explain.save_plots(expl, tmp / "shap"):
+                mlflow.log_artifact(str(path), "shap")
+            result.comparison.to_csv(tmp / "comparison.csv", index=False)
+            subgroup_table.to_csv(tmp / "subgroups.csv", index=False)
+            explain.global_importance(expl).to_csv(tmp / "shap_importance.csv", index=False)
+            (tmp / "trials.json").write_text(json.dumps(model.trials, indent=2, default=float))
+            (tmp / "evaluation.json").write_text(json.dumps(result.test_report, indent=2, default=float))
+            for name in ("comparison.csv", "subgroups.csv", "shap_importance.csv", "trials.json"):
+                mlflow.log_artifact(str(tmp / name), "evaluation")
+            mlflow.log_artifact(str(tmp / "evaluation.json"), "evaluation")
+        mlflow.log_artifacts(str(result.bundle_dir), "bundle")
+        example = onnx_session(model_bytes).run(None, {"inputs": x_test[:5]})
+        outputs = dict(zip(("risk", "margin"), example, strict=True))
+        version = tracking.log_onnx_model(model_bytes, x_test[:5], outputs, config.registered_model)
+        result.registered_version = str(version.version)
+        new_auroc = evaluation.auroc(y_test, _graph_risk(model_bytes, x_test))
+        promoted, message = tracking.promote_if_better(
+            config.registered_model,
+            result.registered_version,
+            new_auroc,
+            lambda champion: evaluation.auroc(y_test, _graph_risk(champion, x_test)),
+        )
+        result.champion_message = message
+        mlflow.set_tag("champion", str(promoted))
+        name = config.registered_model
+        log(f"{config.task}: MLflow run {result.run_id}, {name} v{version.version}: {message}")
+
+
+def _graph_risk(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    session = onnx_session(model_bytes)
+    return np.asarray(session.run(["risk"], {session.get_inputs()[0].name: x})[0], dtype=float).ravel()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out

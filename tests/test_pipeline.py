@@ -1,0 +1,229 @@
+"""The risk pipelines end to end: real xgboost, real onnxruntime, real MLflow (SQLite and a server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from masml.cohort import simulate, write_cohort
+from masml.config import load_config
+from masml.encoding import encode_inputs
+from masml.io import load_dataset
+from pipelines.risk import run_risk_pipeline
+
+MASML = str(Path(sys.executable).with_name("masml"))
+TINY = "tuning:\n  n_trials: 2\n  max_rounds: 120\nn_boot: 100\nfolds: 3\n"
+
+
+def _tiny_config(tmp: Path, extra: str = "") -> Path:
+    path = tmp / "tiny.yaml"
+    path.write_text(TINY + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A small cohort, a tiny config and a private SQLite tracking store."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data, _ = write_cohort(simulate(3_000, seed=21), tmp / "cohort.parquet")
+    return {"tmp": tmp, "data": data, "config": _tiny_config(tmp), "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+@pytest.fixture(scope="module")
+def onset_run(workspace):
+    return _train_onset(workspace, "onset")
+
+
+def _train_onset(workspace, out_name: str):
+    """One onset run tracked in the workspace's private SQLite store."""
+    os.environ["MLFLOW_TRACKING_URI"] = workspace["uri"]
+    try:
+        return run_risk_pipeline(
+            "onset", workspace["data"], workspace["tmp"] / "models" / out_name,
+            config_path=workspace["config"], log=lambda m: None,
+        )  # fmt: skip
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_bundle_holds_graph_and_a_complete_manifest(onset_run):
+    bundle = onset_run.bundle_dir
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest() == manifest["model_sha256"]
+    for key in ("schema_version", "task", "label", "population", "inputs", "outputs", "thresholds", "metrics",
+                "training_data", "versions", "created_at"):  # fmt: skip
+        assert key in manifest, key
+    names = [i["name"] for i in manifest["inputs"]]
+    assert names[:3] == ["age_years", "sex", "trigger"]
+    ferritin = next(i for i in manifest["inputs"] if i["name"] == "ferritin")
+    assert ferritin["unit"] == "ng/mL" and ferritin["low"] == 1
+    assert manifest["training_data"]["synthetic"] is True
+    assert {"onnx", "onnxruntime", "masml", "xgboost"} <= set(manifest["versions"])
+
+
+def test_export_passed_the_parity_gate(onset_run):
+    assert onset_run.parity["max_abs_diff_risk"] <= 1e-5
+    assert onset_run.parity["n_threshold_rows"] > 0 and onset_run.parity["n_missing_rows"] > 0
+
+
+def test_comparison_has_model_baselines_scores_and_ceiling(onset_run):
+    models = set(onset_run.comparison["model"])
+    assert {"model", "logistic_baseline", "ceiling", "hscore", "hlh2004", "ferritin"} <= models
+    row = onset_run.comparison.set_index("model").loc["model"]
+    assert 0.5 < row["auroc"] <= 1 and row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
+    assert row["auroc_diff"] < 0.05  # the ceiling is the best possible: the model cannot beat it by much
+
+
+def test_predict_scores_from_the_bundle_like_the_trained_model(onset_run, workspace):
+    out = workspace["tmp"] / "pred.csv"
+    r = subprocess.run(
+        [MASML, "predict", str(onset_run.bundle_dir), "--data", str(workspace["data"]), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pred = pd.read_csv(out)
+    assert list(pred.columns) == ["patient_id", "risk"]
+    frame = load_dataset(workspace["data"])
+    model = onset_run.extra["model"]
+    expected = model.predict_risk(encode_inputs(frame, model.input_names))
+    assert np.max(np.abs(pred["risk"].to_numpy() - expected)) <= 1e-5
+    assert pred["risk"].between(0, 1).all()
+
+
+def test_run_is_tracked_and_the_model_registered_as_champion(onset_run, workspace):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(workspace["uri"])
+    run = client.get_run(onset_run.run_id)
+    assert "test.auroc.estimate" in run.data.metrics
+    assert run.data.params["config.task"] == "onset"
+    artifacts = {a.path for a in client.list_artifacts(onset_run.run_id)}
+    assert {"bundle", "evaluation", "shap", "model"} <= artifacts or {
+        "bundle",
+        "evaluation",
+        "shap",
+    } <= artifacts
+    champion = client.get_model_version_by_alias("masml-onset", "champion")
+    assert str(champion.version) == onset_run.registered_version
+
+
+def test_champion_moves_only_for_a_better_model(onset_run, workspace):
+    """Retraining with the same data, config and seed gives the same model: it cannot beat the champion."""
+    from mlflow import MlflowClient
+
+    again = _train_onset(workspace, "onset2")
+    # Determinism: same data, config and seed -> identical graph and identical metrics.
+    assert again.manifest["model_sha256"] == onset_run.manifest["model_sha256"]
+    assert again.manifest["metrics"] == onset_run.manifest["metrics"]
+    assert again.registered_version != onset_run.registered_version
+    client = MlflowClient(workspace["uri"])
+    champion = client.get_model_version_by_alias("masml-onset", "champion")
+    assert str(champion.version) == onset_run.registered_version
+    assert "kept" in again.champion_message
+
+
+def test_icu_pipeline_skips_and_counts_rows_outside_its_population(workspace):
+    result = run_risk_pipeline(
+        "icu", workspace["data"], workspace["tmp"] / "models" / "icu",
+        config_path=workspace["config"], log=lambda m: None, track=False,
+    )  # fmt: skip
+    report = result.extra["population"]
+    frame = pd.read_parquet(workspace["data"])
+    assert report.skipped_outside_population == int((frame["mas_onset"] == 0).sum())
+    assert report.rows_used == int(frame["icu_admission"].notna().sum())
+    assert result.manifest["population"]["rule"] == "mas_only"
+    assert "ceiling" in set(result.comparison["model"])
+
+
+def test_train_refuses_a_config_naming_an_unknown_column(workspace, tmp_path):
+    bad = _tiny_config(tmp_path, "inputs: [ferritin, feritin]\n")
+    args = [
+        "train",
+        "onset",
+        "--data",
+        str(workspace["data"]),
+        "--config",
+        str(bad),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": workspace["uri"]}
+    r = subprocess.run([MASML, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2
+    assert "feritin" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_refuses_data_without_the_label(workspace, tmp_path):
+    frame = pd.read_parquet(workspace["data"]).drop(columns=["icu_admission"])
+    frame.to_parquet(tmp_path / "nolabel.parquet")
+    with pytest.raises(Exception, match="icu_admission"):
+        config = load_config(workspace["config"], "icu")
+        run_risk_pipeline("icu", tmp_path / "nolabel.parquet", tmp_path / "m", config=config, track=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` process on loopback, with a SQLite backend and a local artifact store."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("mlflow server did not start within 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_training_against_a_real_mlflow_server(workspace, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        result = run_risk_pipeline(
+            "icu", workspace["data"], tmp_path / "icu", config_path=workspace["config"], log=lambda m: None
+        )
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(result.run_id).data.metrics["test.auroc.estimate"] > 0.5
+    assert (
+        str(client.get_model_version_by_alias("masml-icu", "champion").version) == result.registered_version
+    )
+    import mlflow.onnx
+
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.onnx.load_model("models:/masml-icu@champion")
+    assert hashlib.sha256(loaded.SerializeToString()).hexdigest() == result.manifest["model_sha256"]
