@@ -30,11 +30,33 @@ def input_spec(names: Sequence[str] = INPUT_NAMES) -> list[dict]:
                 "low": c.low,
                 "high": c.high,
                 "categories": list(c.categories) if c.categories else None,
+                "accepted_units": _accepted_units(c.name) if c.kind == "numeric" else None,
                 "required": c.required,
                 "description": c.description,
             }
         )
     return spec
+
+
+def _accepted_units(name: str) -> list[dict]:
+    """Every unit a caller may send for this input, with ``canonical = value × factor + offset``.
+
+    The manifest carries the conversions so a server can accept ``{"value": 3.1, "unit": "g/L"}``
+    without importing masml. ``aliases`` match case-insensitively (after removing spaces and writing
+    µ/μ as u); ``exact_aliases`` only as written, because their case carries meaning (``G/L``).
+    """
+    from masml.units import UNIT_TABLE
+
+    return [
+        {
+            "unit": conv.unit,
+            "factor": conv.factor,
+            "offset": conv.offset,
+            "aliases": list(conv.aliases),
+            "exact_aliases": list(conv.exact_aliases),
+        }
+        for conv in UNIT_TABLE[name]
+    ]
 
 
 def encode_inputs(frame: pd.DataFrame, names: Sequence[str] = INPUT_NAMES) -> np.ndarray:

@@ -308,3 +308,18 @@ def test_out_of_range_after_conversion_mentions_the_declared_unit(tmp_path):
 ])
 def test_common_spellings(column, spelling, unit):
     assert conversion_for(column, spelling).unit == unit
+
+
+def test_manifest_input_spec_carries_every_conversion_a_server_needs():
+    """A server without masml converts with the manifest's factors: they must match masml's own."""
+    from masml.encoding import input_spec
+
+    for entry in input_spec():
+        if entry["kind"] != "numeric":
+            assert entry["accepted_units"] is None
+            continue
+        assert entry["accepted_units"][0]["unit"] == entry["unit"]  # canonical first
+        for conv in entry["accepted_units"]:
+            for spelling in (conv["unit"], *conv["aliases"], *conv["exact_aliases"]):
+                expected = conversion_for(entry["name"], spelling).apply(np.array([2.5]))[0]
+                assert 2.5 * conv["factor"] + conv["offset"] == pytest.approx(expected, rel=1e-12)
