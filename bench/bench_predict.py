@@ -54,7 +54,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train, _ = write_cohort(simulate(args.train_n, seed=1), tmp / "train.parquet")
-        result = run_risk_pipeline("onset", train, tmp / "bundle", config=config, log=lambda m: None, track=False)
+        result = run_risk_pipeline(
+            "onset", train, tmp / "bundle", config=config, log=lambda m: None, track=False
+        )
         model = result.extra["model"]
         print(f"model: {model.n_rounds} trees, best params {model.best_params}")
         frame = simulate(args.n, seed=2)

@@ -173,8 +173,14 @@ def _train(task: str, data: Path, out_dir: Path, **options):
 
 def _print_comparison(task: str, comparison) -> None:
     """Held-out metrics side by side; Δ is the AUROC gap to the ceiling (true probabilities), if known."""
-    table = Table(title=f"{task}: held-out performance (95% bootstrap CI)")
-    for name in ("model", "n", "AUROC [95% CI]", "Δ ceiling", "AUPRC", "Brier", "slope", "ECE"):
+    table = Table(
+        title=f"{task}: held-out performance (95% bootstrap CI)",
+        caption="ECE floor: the ECE a perfectly calibrated model would show on this many patients; "
+        "ECE vs truth: against the true probabilities (synthetic data only)",
+    )
+    columns = ("model", "n", "AUROC [95% CI]", "Δ ceiling", "AUPRC", "Brier", "slope", "ECE", "ECE floor",
+               "ECE vs truth")  # fmt: skip
+    for name in columns:
         table.add_column(name, no_wrap=True)
     for _, r in comparison.iterrows():
         get = r.get
@@ -187,6 +193,8 @@ def _print_comparison(task: str, comparison) -> None:
             _cell(get("brier")),
             _cell(get("calibration_slope")),
             _cell(get("ece")),
+            _cell(get("ece_floor")),
+            _cell(get("ece_vs_truth")),
         )
     out.print(table)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from masml import evaluation, explain, onnx_export, scores, tracking
+from masml import evaluation, explain, onnx_export, plots, scores, tracking
 from masml.bundle import data_fingerprint, write_bundle
 from masml.cohort import truth_path_for
 from masml.config import Config, load_config
@@ -138,12 +138,20 @@ def run_risk_pipeline(
         **boot,
     ).reset_index()
     comparison["rows"] = len(y_test)
+    # How much of each ECE is the test set's size, and (synthetic data) the error against the truth.
+    comparison["ece_floor"] = [evaluation.ece_if_calibrated(predictions[m], seed=config.seed)
+                               for m in comparison["model"]]  # fmt: skip
+    if "ceiling" in predictions:
+        comparison["ece_vs_truth"] = [evaluation.ece_vs_truth(predictions[m], predictions["ceiling"])
+                                      for m in comparison["model"]]  # fmt: skip
     score_rows = []
+    curves = {name: (np.ones(len(y_test), bool), values) for name, values in predictions.items()}
     for name, (mask, values) in _score_predictions(test).items():
         if mask.sum() >= 20 and len(np.unique(y_test[mask])) == 2:
             row = evaluation.compare(y_test[mask], {name: values[mask]}, **boot).reset_index()
             row["rows"] = int(mask.sum())
             score_rows.append(row)
+            curves[name] = (mask, values)
     if score_rows:
         comparison = pd.concat([comparison, *score_rows], ignore_index=True)
     subgroups = {
@@ -152,6 +160,8 @@ def run_risk_pipeline(
         "sex": test["sex"].to_numpy(),
     }
     subgroup_table = evaluation.subgroup_report(y_test, risk, subgroups, seed=config.seed)
+    for _, row in subgroup_table[subgroup_table["warning"].astype(str) != ""].iterrows():
+        log(f"{task}: subgroup {row['group']}={row['level']}: {row['warning']}")
 
     # ---- explanations (a sample of held-out rows keeps the run fast)
     rng = np.random.default_rng(config.seed)
@@ -165,6 +175,7 @@ def run_risk_pipeline(
     )
     parity = onnx_export.parity_gate(onnx_model, model.booster, model.spec, model.calibrator, x_test)
     log(f"{task}: ONNX parity max |Δrisk| = {parity['max_abs_diff_risk']:.2e} over {parity['n_rows']:,} rows")
+    model_row = comparison.set_index("model").loc["model"]
     label_text, horizon = LABEL_DEFINITION.get(config.label, (config.label, ""))
     manifest = {
         "task": task,
@@ -186,6 +197,8 @@ def run_risk_pipeline(
             "calibration_slope": report["calibration_slope"],
             "calibration_intercept": report["calibration_intercept"],
             "ece": report["ece"],
+            "ece_floor": float(model_row["ece_floor"]),
+            **({"ece_vs_truth": float(model_row["ece_vs_truth"])} if "ece_vs_truth" in model_row else {}),
         },
         "training_data": {
             "source": str(data_path.name),
@@ -208,6 +221,8 @@ def run_risk_pipeline(
         "subgroups": subgroup_table,
         "population": population,
         "model": model,
+        "curves": curves,
+        "y_test": y_test,
     }
     if track:
         _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subgroup_table, log)
@@ -233,6 +248,8 @@ def _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subg
             tmp = Path(tmp)
             for path in explain.save_plots(expl, tmp / "shap"):
                 mlflow.log_artifact(str(path), "shap")
+            for path in plots.evaluation_plots(y_test, result.extra["curves"], tmp / "plots"):
+                mlflow.log_artifact(str(path), "plots")
             result.comparison.to_csv(tmp / "comparison.csv", index=False)
             subgroup_table.to_csv(tmp / "subgroups.csv", index=False)
             explain.global_importance(expl).to_csv(tmp / "shap_importance.csv", index=False)

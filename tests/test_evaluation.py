@@ -328,3 +328,24 @@ def test_standard_groups_from_a_schema_frame():
     report = ev.subgroup_report(y, p, groups, n_boot=20)
     assert set(report["group"]) == {"overall", "trigger_family", "age_band", "sex"}
     assert report["warning"].str.contains("small group").all()
+
+
+def test_ece_if_calibrated_is_the_noise_floor_the_true_probabilities_show():
+    """Drawing outcomes from p many times, the mean observed ECE of p itself matches the floor."""
+    rng = np.random.default_rng(40)
+    p = rng.beta(2, 2, 1_500)
+    floor = ev.ece_if_calibrated(p, n_sim=300, seed=1)
+    observed = np.mean([ev.ece((rng.random(p.size) < p).astype(float), p) for _ in range(300)])
+    assert abs(floor - observed) < 0.003
+    assert 0.02 < floor < 0.04  # ~0.8 * sqrt(0.2 / 150) for 10 bins of 150
+    big = rng.beta(2, 2, 60_000)
+    assert ev.ece_if_calibrated(big, n_sim=20) < floor / 4  # shrinks like 1/sqrt(n)
+
+
+def test_ece_vs_truth_measures_miscalibration_without_outcome_noise():
+    rng = np.random.default_rng(41)
+    truth = rng.uniform(0.05, 0.85, 2_000)
+    assert ev.ece_vs_truth(truth, truth) == 0.0
+    assert ev.ece_vs_truth(truth + 0.1, truth) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="true probabilities: 1 of 2000 are NaN"):
+        ev.ece_vs_truth(truth, np.r_[truth[:-1], np.nan])

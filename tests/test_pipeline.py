@@ -83,6 +83,10 @@ def test_comparison_has_model_baselines_scores_and_ceiling(onset_run):
     row = onset_run.comparison.set_index("model").loc["model"]
     assert 0.5 < row["auroc"] <= 1 and row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
     assert row["auroc_diff"] < 0.05  # the ceiling is the best possible: the model cannot beat it by much
+    # The truth is calibrated: its error against itself is 0, and the model's is what the manifest says.
+    assert onset_run.comparison.set_index("model").loc["ceiling", "ece_vs_truth"] == 0
+    metrics = onset_run.manifest["metrics"]
+    assert metrics["ece_vs_truth"] == row["ece_vs_truth"] and 0 < metrics["ece_floor"] < 0.1
 
 
 def test_predict_scores_from_the_bundle_like_the_trained_model(onset_run, workspace):
