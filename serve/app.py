@@ -1,0 +1,758 @@
+"""The HTTP application: masml's REST API, the Open Inference Protocol and MLflow's ``/invocations``.
+
+Why plain Starlette endpoints and no middleware stack: one patient must be scored in well under a
+millisecond end to end, so auth, timing, metrics and error mapping are done by one small wrapper per
+endpoint instead of layers of ASGI middleware. Why every handler ends in ``Problems`` or a response: a
+client can never cause a 500; anything unexpected is still answered as JSON and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serve import __version__
+from serve.bundles import Model, Snapshot, load_folder
+from serve.metrics import Metrics
+from serve.openapi import build_spec
+from serve.problems import Problems, problem
+from serve.security import Audit, Keys, digest
+
+log = logging.getLogger("serve")
+THREAD_ROWS = 64  # batches above this run in a worker thread so the event loop keeps serving
+_dec = msgspec.json.Decoder()
+
+
+def _enc_hook(obj: Any) -> Any:
+    """numpy scalars (e.g. an offending value echoed in a problem) and anything else as text."""
+    return obj.item() if isinstance(obj, np.generic) else str(obj)
+
+
+_enc = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+@dataclass
+class Config:
+    models: Path = Path("models")
+    host: str | None = None
+    api_keys: str | None = None
+    api_keys_file: str | None = None
+    audit_log: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch: int = 5000
+    reload_file: str | None = None  # shared by workers: touching it makes every worker reload
+
+    @classmethod
+    def from_env(cls) -> Config:
+        e = os.environ.get
+        return cls(
+            models=Path(e("MASML_SERVE_MODELS", "models")),
+            host=e("MASML_SERVE_HOST"),
+            api_keys=e("MASML_SERVE_API_KEYS"),
+            api_keys_file=e("MASML_SERVE_API_KEYS_FILE"),
+            audit_log=e("MASML_SERVE_AUDIT_LOG"),
+            max_body_bytes=int(e("MASML_SERVE_MAX_BODY_BYTES", str(8 * 1024 * 1024))),
+            max_batch=int(e("MASML_SERVE_MAX_BATCH", "5000")),
+            reload_file=e("MASML_SERVE_RELOAD_FILE"),
+        )
+
+
+def is_loopback(host: str | None) -> bool:
+    if host in (None, "localhost"):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback  # type: ignore[arg-type]
+    except ValueError:
+        return False
+
+
+@dataclass
+class State:
+    config: Config
+    keys: Keys
+    audit: Audit
+    metrics: Metrics = field(default_factory=Metrics)
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    reload_lock: asyncio.Lock | None = None
+    reload_mtime: float = 0.0
+
+    def reload(self) -> Snapshot:
+        self.snapshot = load_folder(self.config.models, self.snapshot)  # one reference swap: atomic
+        return self.snapshot
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_enc.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+Handler = Callable[[Request, "State", dict], Awaitable[Response]]
+
+
+def create_app(config: Config | None = None) -> Starlette:
+    config = config or Config.from_env()
+    keys = Keys.load(config.api_keys, config.api_keys_file)
+    if not keys.enabled:
+        if config.host is not None and not is_loopback(config.host):
+            raise SystemExit(
+                f"refusing to serve on {config.host} without API keys: set MASML_SERVE_API_KEYS "
+                "or --api-keys-file (only loopback may run without keys)"
+            )
+        log.warning("authentication is OFF: no API keys configured; only loopback clients are answered")
+    state = State(config=config, keys=keys, audit=Audit(config.audit_log))
+    state.reload()
+    if not state.snapshot.models:
+        log.error("no model loaded from %s; /readyz will report not ready", config.models)
+
+    def endpoint(name: str, fn: Handler, role: str | None = "user", oip: bool = False):
+        """Auth, request id, timing, metrics and the never-500 rule, around one handler."""
+
+        async def run(request: Request) -> Response:
+            t0 = time.perf_counter()
+            ctx: dict[str, Any] = {
+                "model": "-",
+                "request_id": request.headers.get("x-request-id") or uuid.uuid4().hex,
+            }
+            try:
+                if role is not None:
+                    ctx["principal"] = _authorise(request, state, role)
+                resp = await fn(request, state, ctx)
+            except Problems as p:
+                state.metrics.error(p.problems[0]["kind"] if p.problems else f"http_{p.status}")
+                body = {"error": p.text()} if oip else p.body() | {"request_id": ctx["request_id"]}
+                headers = {"WWW-Authenticate": "Bearer"} if p.status == 401 else None
+                resp = json_response(body, p.status, headers)
+            except ClientDisconnect:
+                state.metrics.error("client_disconnect")
+                resp = Response(status_code=499)
+            except Exception:  # a bug, not the client's fault: still JSON, still counted
+                log.exception("internal error in %s (request %s)", name, ctx["request_id"])
+                state.metrics.error("internal")
+                resp = json_response({"error": "internal error", "request_id": ctx["request_id"]}, 500)
+            resp.headers["x-request-id"] = ctx["request_id"]
+            state.metrics.request(name, ctx["model"], resp.status_code, time.perf_counter() - t0)
+            return resp
+
+        return run
+
+    R = Route
+    routes = [
+        R("/healthz", endpoint("healthz", healthz, None), methods=["GET"]),
+        R("/readyz", endpoint("readyz", readyz, None), methods=["GET"]),
+        R("/ping", endpoint("ping", healthz, None), methods=["GET"]),
+        R("/health", endpoint("health", healthz, None), methods=["GET"]),
+        R("/version", endpoint("version", version, None), methods=["GET"]),
+        R("/openapi.json", endpoint("openapi", openapi, None), methods=["GET"]),
+        R("/metrics", endpoint("metrics", metrics, "user"), methods=["GET"]),
+        R("/v1/models", endpoint("models", list_models), methods=["GET"]),
+        R("/v1/models/{task}", endpoint("model", get_model), methods=["GET"]),
+        R("/v1/models/{task}/predict", endpoint("predict", predict), methods=["POST"]),
+        R("/admin/reload", endpoint("reload", admin_reload, "admin"), methods=["POST"]),
+        R("/invocations", endpoint("invocations", invocations), methods=["POST"]),
+        R("/v2", endpoint("v2", v2_server, oip=True), methods=["GET"]),
+        R("/v2/health/live", endpoint("v2_live", v2_live, None, oip=True), methods=["GET"]),
+        R("/v2/health/ready", endpoint("v2_ready", v2_ready, None, oip=True), methods=["GET"]),
+        R("/v2/models/{m}", endpoint("v2_model", v2_model, oip=True), methods=["GET"]),
+        R("/v2/models/{m}/versions/{v}", endpoint("v2_model", v2_model, oip=True), methods=["GET"]),
+        R("/v2/models/{m}/ready", endpoint("v2_model_ready", v2_model_ready, oip=True), methods=["GET"]),
+        R(
+            "/v2/models/{m}/versions/{v}/ready",
+            endpoint("v2_model_ready", v2_model_ready, oip=True),
+            methods=["GET"],
+        ),
+        R("/v2/models/{m}/infer", endpoint("v2_infer", v2_infer, oip=True), methods=["POST"]),
+        R("/v2/models/{m}/versions/{v}/infer", endpoint("v2_infer", v2_infer, oip=True), methods=["POST"]),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        code = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+        state.metrics.error(f"http_{code}")
+        return json_response(
+            {"error": detail, "problems": [problem(request.url.path, f"http_{code}", detail)]}, code
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        state.reload_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(state, "SIGHUP")))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no SIGHUP
+            pass
+        watcher = asyncio.ensure_future(_watch_reload_file(state)) if config.reload_file else None
+        yield
+        if watcher:
+            watcher.cancel()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, Exception: http_error},
+        lifespan=lifespan,
+    )
+    app.state.serve = state
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory serve.app:app_from_env`` (what ``python -m serve`` runs)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(Config.from_env())
+
+
+# --- plumbing -------------------------------------------------------------------------------------------
+
+
+def _authorise(request: Request, state: State, role: str) -> str | None:
+    if not state.keys.enabled:
+        client = request.client.host if request.client else None
+        if client is not None and not is_loopback(client) and client != "testclient":
+            raise Problems(403, "this server runs without API keys and answers loopback clients only")
+        return None
+    header = request.headers.get("authorization")
+    got = state.keys.role(header)
+    if got is None:
+        raise Problems(
+            401,
+            "missing or invalid API key",
+            [problem("headers.authorization", "unauthorized", "send 'Authorization: Bearer <key>'")],
+        )
+    if role == "admin" and got != "admin":
+        raise Problems(
+            403,
+            "this endpoint needs an admin key",
+            [problem("headers.authorization", "forbidden", "the key is valid but not an admin key")],
+        )
+    return digest(header[7:].strip())[:12]  # type: ignore[index]
+
+
+async def _read_body(request: Request, state: State) -> bytes:
+    limit = state.config.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise Problems(400, "invalid Content-Length header") from None
+        if too_big:
+            raise Problems(
+                413,
+                "request body too large",
+                [
+                    problem(
+                        "body",
+                        "too_large",
+                        f"{declared} bytes is over the limit",
+                        expected=f"at most {limit} bytes",
+                    )
+                ],
+            )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problems(
+                413,
+                "request body too large",
+                [problem("body", "too_large", "body is over the limit", expected=f"at most {limit} bytes")],
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        raise Problems(
+            400,
+            "empty request body",
+            [problem("body", "empty", "the body is empty", expected="a JSON object")],
+        )
+    try:
+        return _dec.decode(raw)
+    except msgspec.DecodeError as err:
+        raise Problems(
+            400, "malformed JSON", [problem("body", "malformed_json", str(err), expected="a JSON object")]
+        ) from None
+
+
+def _model(state: State, name: str, ctx: dict) -> Model:
+    m = state.snapshot.get(name)
+    if m is None:
+        raise Problems(
+            404,
+            f"no model {name!r}",
+            [
+                problem(
+                    "path.model",
+                    "unknown_model",
+                    f"no model {name!r} is loaded",
+                    expected=f"one of {sorted(state.snapshot.models)}",
+                )
+            ],
+        )
+    ctx["model"] = m.task
+    return m
+
+
+def _object(body: Any, allowed: set[str], where: str = "body") -> dict:
+    if not isinstance(body, dict):
+        raise Problems(
+            422,
+            "invalid input",
+            [
+                problem(
+                    where,
+                    "type",
+                    "the body must be a JSON object",
+                    expected=f"an object with {sorted(allowed)}",
+                )
+            ],
+        )
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise Problems(
+            422,
+            "invalid input",
+            [
+                problem(
+                    f"{where}.{k}",
+                    "unknown_field",
+                    f"unknown field {k!r}",
+                    expected=f"only {sorted(allowed)}",
+                )
+                for k in extra
+            ],
+        )
+    return body
+
+
+def _batch_size_ok(n: int, state: State, where: str) -> None:
+    if n > state.config.max_batch:
+        raise Problems(
+            413,
+            "batch too large",
+            [
+                problem(
+                    where, "batch_too_large", f"{n} patients", expected=f"at most {state.config.max_batch}"
+                )
+            ],
+        )
+
+
+async def _score(
+    state: State, model: Model, x64: np.ndarray, ctx: dict, endpoint: str, guard: bool = True
+) -> tuple[dict[str, np.ndarray], list[list[dict]] | None]:
+    x32 = x64.astype(np.float32)
+    if x32.shape[0] > THREAD_ROWS:
+        outputs = await anyio.to_thread.run_sync(model.run, x32)
+    else:
+        outputs = model.run(x32)
+    flags = model.guardrails.evaluate(x64, outputs) if (guard and model.guardrails) else None
+    exposed = {k: outputs[k] for k in model.outputs}
+    state.metrics.scored(model.task, model.encoder.names, x64, exposed)
+    if flags is not None:
+        for row in flags:
+            for f in row:
+                state.metrics.guardrails[(model.task, f["id"], f["status"])] += 1
+    state.audit.write(
+        ctx["request_id"],
+        endpoint,
+        model,
+        x32,
+        {k: v.tolist() for k, v in exposed.items()},
+        ctx.get("principal"),
+    )
+    return exposed, flags
+
+
+def _model_ref(m: Model) -> dict:
+    return {"task": m.task, "name": m.name, "version": m.version, "sha256": m.sha256}
+
+
+async def _reload(state: State, why: str) -> dict:
+    assert state.reload_lock is not None
+    async with state.reload_lock:
+        t0 = time.perf_counter()
+        snap = await anyio.to_thread.run_sync(state.reload)
+        log.info(
+            "reload (%s): %d model(s) serving, %d refused, %.0f ms",
+            why,
+            len(snap.models),
+            len(snap.refused),
+            1e3 * (time.perf_counter() - t0),
+        )
+        return {
+            "generation": snap.generation,
+            "models": [_model_ref(m) for m in snap.models.values()],
+            "refused": snap.refused,
+        }
+
+
+async def _watch_reload_file(state: State) -> None:
+    """With several workers, /admin/reload touches a shared file and every worker reloads from it."""
+    path = Path(state.config.reload_file)  # type: ignore[arg-type]
+    state.reload_mtime = path.stat().st_mtime if path.exists() else 0.0
+    while True:
+        await asyncio.sleep(0.5)
+        try:
+            mtime = path.stat().st_mtime if path.exists() else 0.0
+        except OSError:
+            continue
+        if mtime != state.reload_mtime:
+            state.reload_mtime = mtime
+            await _reload(state, "reload file")
+
+
+# --- masml REST -----------------------------------------------------------------------------------------
+
+
+async def healthz(request: Request, state: State, ctx: dict) -> Response:
+    return json_response({"status": "alive"})
+
+
+async def readyz(request: Request, state: State, ctx: dict) -> Response:
+    snap = state.snapshot
+    ready = bool(snap.models)
+    return json_response(
+        {"ready": ready, "models": sorted(snap.models), "refused": len(snap.refused)}, 200 if ready else 503
+    )
+
+
+async def version(request: Request, state: State, ctx: dict) -> Response:
+    return json_response({"name": "masml-serve", "version": __version__})
+
+
+async def openapi(request: Request, state: State, ctx: dict) -> Response:
+    return json_response(build_spec(state.snapshot, state.config))
+
+
+async def metrics(request: Request, state: State, ctx: dict) -> Response:
+    text = state.metrics.render({t: m.encoder.names for t, m in state.snapshot.models.items()})
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def list_models(request: Request, state: State, ctx: dict) -> Response:
+    snap = state.snapshot
+    return json_response({"models": [m.summary() for m in snap.models.values()], "refused": snap.refused})
+
+
+async def get_model(request: Request, state: State, ctx: dict) -> Response:
+    return json_response(_model(state, request.path_params["task"], ctx).summary())
+
+
+async def admin_reload(request: Request, state: State, ctx: dict) -> Response:
+    result = await _reload(state, "POST /admin/reload")
+    if state.config.reload_file:  # tell the other workers; ours just reloaded
+        p = Path(state.config.reload_file)
+        p.touch()
+        state.reload_mtime = p.stat().st_mtime
+    return json_response(result)
+
+
+async def predict(request: Request, state: State, ctx: dict) -> Response:
+    model = _model(state, request.path_params["task"], ctx)
+    body = _object(_decode(await _read_body(request, state)), {"patients"})
+    patients = body.get("patients")
+    if isinstance(patients, list):
+        _batch_size_ok(len(patients), state, "patients")
+    elif "patients" not in body:
+        raise Problems(
+            422,
+            "invalid input",
+            [problem("patients", "required", "'patients' is required", expected="a list of patient objects")],
+        )
+    x64, ids = model.encoder.encode(patients, "patients")
+    outputs, flags = await _score(state, model, x64, ctx, "predict")
+    cols = {k: v.tolist() for k, v in outputs.items()}
+    preds = []
+    for i in range(len(ids)):
+        row: dict[str, Any] = {"patient_id": ids[i]} if ids[i] is not None else {}
+        for k, v in cols.items():
+            row[k] = v[i]
+        row["guardrails"] = flags[i] if flags is not None else []
+        preds.append(row)
+    return json_response({"request_id": ctx["request_id"], "model": _model_ref(model), "predictions": preds})
+
+
+# --- MLflow scoring protocol ----------------------------------------------------------------------------
+
+
+async def invocations(request: Request, state: State, ctx: dict) -> Response:
+    """MLflow's ``/invocations``: one served model by default, ``?model=<task>`` when several are loaded."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise Problems(
+            415,
+            "unsupported content type",
+            [
+                problem(
+                    "headers.content-type",
+                    "unsupported_media_type",
+                    f"{ctype!r}",
+                    expected="application/json",
+                )
+            ],
+        )
+    snap = state.snapshot
+    name = request.query_params.get("model")
+    if name is None:
+        if len(snap.models) != 1:
+            raise Problems(
+                400,
+                "several models are served: choose one with ?model=<task>",
+                [
+                    problem(
+                        "query.model",
+                        "required",
+                        "which model to use",
+                        expected=f"one of {sorted(snap.models)}",
+                    )
+                ],
+            )
+        name = next(iter(snap.models))
+    model = _model(state, name, ctx)
+    body = _decode(await _read_body(request, state))
+    formats = {"dataframe_split", "dataframe_records"}
+    body = _object(body, formats | {"params"})
+    given = [k for k in formats if k in body]
+    if len(given) != 1:
+        raise Problems(
+            422,
+            "invalid input",
+            [
+                problem(
+                    "body",
+                    "format",
+                    "exactly one of dataframe_split or dataframe_records is needed",
+                    expected=sorted(formats),
+                )
+            ],
+        )
+    if given[0] == "dataframe_records":
+        where, patients = "dataframe_records", body["dataframe_records"]
+    else:
+        where, patients = "dataframe_split.data", _split_to_records(body["dataframe_split"])
+    if isinstance(patients, list):
+        _batch_size_ok(len(patients), state, where)
+    x64, _ = model.encoder.encode(patients, where)
+    outputs, _flags = await _score(state, model, x64, ctx, "invocations", guard=False)
+    cols = {k: v.tolist() for k, v in outputs.items()}
+    return json_response({"predictions": [{k: cols[k][i] for k in cols} for i in range(x64.shape[0])]})
+
+
+def _split_to_records(split: Any) -> Any:
+    where = "dataframe_split"
+    if (
+        not isinstance(split, dict)
+        or not isinstance(split.get("columns"), list)
+        or not isinstance(split.get("data"), list)
+    ):
+        raise Problems(
+            422,
+            "invalid input",
+            [
+                problem(
+                    where,
+                    "type",
+                    "dataframe_split must be an object with "
+                    "'columns' (list of names) and 'data' (list of rows)",
+                )
+            ],
+        )
+    extra = sorted(set(split) - {"columns", "data", "index"})
+    cols = split["columns"]
+    probs = [problem(f"{where}.{k}", "unknown_field", f"unknown field {k!r}") for k in extra]
+    if not all(isinstance(c, str) for c in cols) or len(set(cols)) != len(cols):
+        probs.append(problem(f"{where}.columns", "type", "columns must be distinct strings", value=cols))
+    for i, row in enumerate(split["data"]):
+        if not isinstance(row, list) or len(row) != len(cols):
+            probs.append(
+                problem(
+                    f"{where}.data[{i}]", "shape", f"a row must be a list of {len(cols)} values", value=row
+                )
+            )
+    if probs:
+        raise Problems(422, "invalid input", probs)
+    return [dict(zip(cols, row, strict=True)) for row in split["data"]]
+
+
+# --- Open Inference Protocol (KServe v2) ----------------------------------------------------------------
+
+
+async def v2_server(request: Request, state: State, ctx: dict) -> Response:
+    return json_response(
+        {"name": "masml-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    )
+
+
+async def v2_live(request: Request, state: State, ctx: dict) -> Response:
+    return Response(status_code=200)
+
+
+async def v2_ready(request: Request, state: State, ctx: dict) -> Response:
+    return Response(status_code=200 if state.snapshot.models else 503)
+
+
+def _check_version(request: Request, model: Model) -> None:
+    v = request.path_params.get("v")
+    if v is not None and v != model.version:
+        raise Problems(404, f"model {model.task!r} has no version {v!r} (serving {model.version})")
+
+
+async def v2_model(request: Request, state: State, ctx: dict) -> Response:
+    m = _model(state, request.path_params["m"], ctx)
+    _check_version(request, m)
+    return json_response(
+        {
+            "name": m.task,
+            "versions": [m.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, len(m.encoder.names)]}],
+            "outputs": [{"name": o, "datatype": "FP32", "shape": [-1]} for o in m.outputs],
+            "parameters": {"input_columns": m.encoder.names, "sha256": m.sha256, "model_name": m.name},
+        }
+    )
+
+
+async def v2_model_ready(request: Request, state: State, ctx: dict) -> Response:
+    m = _model(state, request.path_params["m"], ctx)
+    _check_version(request, m)
+    return Response(status_code=200)
+
+
+def _flat_numbers(data: Any, where: str) -> list:
+    flat = data
+    for _ in range(3):
+        if flat and all(isinstance(r, list) for r in flat):
+            flat = list(chain.from_iterable(flat))
+    if not isinstance(flat, list) or not set(map(type, flat)) <= {int, float, type(None)}:
+        raise Problems(
+            400,
+            "invalid input tensor",
+            [problem(where, "type", "data must be a (nested) list of numbers (null = missing)")],
+        )
+    return flat
+
+
+async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
+    model = _model(state, request.path_params["m"], ctx)
+    _check_version(request, model)
+    raw = await _read_body(request, state)
+    header_len = request.headers.get("inference-header-content-length")
+    binary = b""
+    if header_len is not None:
+        try:
+            n = int(header_len)
+            if not 0 < n <= len(raw):
+                raise ValueError
+        except ValueError:
+            raise Problems(400, "invalid Inference-Header-Content-Length") from None
+        raw, binary = raw[:n], raw[n:]
+    body = _decode(raw)
+    if not isinstance(body, dict):
+        raise Problems(400, "the request must be a JSON object")
+    req_id = body.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise Problems(400, "'id' must be a string")
+    params = body.get("parameters") or {}
+    inputs = body.get("inputs")
+    if (
+        not isinstance(params, dict)
+        or not isinstance(inputs, list)
+        or len(inputs) != 1
+        or not isinstance(inputs[0], dict)
+    ):
+        raise Problems(400, f"'inputs' must hold exactly one tensor, {model.input_name!r}")
+    t = inputs[0]
+    k = len(model.encoder.names)
+    where = f"inputs[0] ({model.input_name})"
+    if t.get("name") != model.input_name or t.get("datatype") != "FP32":
+        raise Problems(
+            400,
+            f"expected input {model.input_name!r} with datatype FP32, got "
+            f"{t.get('name')!r} {t.get('datatype')!r}",
+        )
+    shape = t.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(type(s) is int for s in shape)
+        and shape[1] == k
+        and shape[0] >= 1
+    ):
+        raise Problems(400, f"shape must be [N, {k}] with N >= 1, got {shape!r}")
+    _batch_size_ok(shape[0], state, where)
+    tparams = t.get("parameters") or {}
+    size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+    if size is not None:
+        if type(size) is not int or size != len(binary) or size != shape[0] * k * 4:
+            raise Problems(
+                400,
+                f"binary_data_size must be {shape[0] * k * 4} bytes for shape {shape}, "
+                f"and the body must carry exactly that many",
+            )
+        x32 = np.frombuffer(binary, dtype="<f4").reshape(shape[0], k)
+    else:
+        if binary:
+            raise Problems(400, "binary data was sent but no input declares binary_data_size")
+        flat = _flat_numbers(t.get("data"), where)
+        if len(flat) != shape[0] * k:
+            raise Problems(400, f"data holds {len(flat)} values, shape {shape} needs {shape[0] * k}")
+        try:
+            x32 = np.array(flat, dtype=np.float64).astype(np.float32).reshape(shape[0], k)
+        except OverflowError:
+            raise Problems(400, "a value does not fit in FP32") from None
+    model.encoder.check_matrix(x32, where)
+    wanted = body.get("outputs")
+    binary_out = bool(params.get("binary_data_output", False))
+    names, per_binary = list(model.outputs), {}
+    if wanted is not None:
+        if not isinstance(wanted, list) or not all(
+            isinstance(o, dict) and o.get("name") in model.outputs for o in wanted
+        ):
+            raise Problems(400, f"requested outputs must be among {model.outputs}")
+        names = [o["name"] for o in wanted]
+        per_binary = {
+            o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_out)) for o in wanted
+        }
+    outputs, _ = await _score(state, model, x32.astype(np.float64), ctx, "v2_infer", guard=False)
+    out_meta, blobs = [], []
+    for name in names:
+        v = np.ascontiguousarray(outputs[name], dtype="<f4")
+        meta: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [int(v.shape[0])]}
+        if per_binary.get(name, binary_out):
+            meta["parameters"] = {"binary_data_size": v.nbytes}
+            blobs.append(v.tobytes())
+        else:
+            meta["data"] = v.tolist()
+        out_meta.append(meta)
+    resp = {"model_name": model.task, "model_version": model.version, "outputs": out_meta}
+    if req_id is not None:
+        resp["id"] = req_id
+    head = _enc.encode(resp)
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(
+        head + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

@@ -1,0 +1,244 @@
+"""Loading bundles into onnxruntime sessions and swapping them atomically on reload.
+
+Why refuse rather than crash: one tampered or half-copied bundle must not take the other models down;
+it is listed with its reason and the rest keep serving. Why an immutable snapshot: a reload builds a new
+``Snapshot`` beside the old one and replaces one reference, so a request in flight always sees one
+consistent set of models, never a half-loaded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.guardrails import Guardrails
+from serve.inputs import Encoder
+
+log = logging.getLogger("serve")
+
+MODEL_FILE, MANIFEST_FILE = "model.onnx", "manifest.json"
+SUPPORTED_FORMATS = {1}
+HIDDEN_OUTPUTS = {"margin"}  # internal to explanations; the raw log-odds are not a clinical output
+
+
+class BundleRefused(ValueError):
+    pass
+
+
+@dataclass
+class Model:
+    task: str
+    name: str
+    version: str
+    sha256: str
+    path: str
+    manifest: dict
+    session: Any
+    input_name: str
+    encoder: Encoder
+    outputs: list[str]  # exposed, in manifest order
+    run_outputs: list[str]  # exposed + what the guardrails need
+    guardrails: Guardrails | None
+    fingerprint: str = ""
+
+    def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.session.run(self.run_outputs, {self.input_name: x32})
+        return {k: np.asarray(v).reshape(-1) for k, v in zip(self.run_outputs, values, strict=True)}
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "task": self.task,
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "label": m.get("label"),
+            "population": m.get("population"),
+            "inputs": [
+                {
+                    k: i.get(k)
+                    for k in ("name", "kind", "unit", "low", "high", "categories", "required", "description")
+                }
+                | {"accepted_units": [u["unit"] for u in i.get("accepted_units") or []] or None}
+                for i in m["inputs"]
+            ],
+            "outputs": [o for o in m["outputs"] if o["name"] in self.outputs],
+            "thresholds": m.get("thresholds"),
+            "metrics": _metrics_summary(m.get("metrics") or {}),
+            "guardrails": [
+                {"id": r.id, "message": r.message, "source": r.source}
+                for r in (self.guardrails.rules if self.guardrails else [])
+            ],
+            "created_at": m.get("created_at"),
+            "training_data": m.get("training_data"),
+        }
+
+
+def _metrics_summary(metrics: dict) -> dict:
+    """Headline figures only: estimates with their interval, no curves or tables."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, dict) and "estimate" in v:
+            out[k] = {kk: v.get(kk) for kk in ("estimate", "lo", "hi")}
+    return out
+
+
+def session_for(model_bytes: bytes) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # same as masml.predict: bit-identical sums, and one row needs no more
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def fingerprint(bundle: Path) -> str:
+    """Cheap identity of a bundle on disk, so an unchanged bundle is not rebuilt on reload."""
+    parts = []
+    for f in (MODEL_FILE, MANIFEST_FILE):
+        st = (bundle / f).stat()
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def load_model(bundle: Path, previous: Model | None = None) -> Model:
+    """One bundle, fully checked: files present, sha256 matches, manifest consistent with the graph."""
+    missing = [f for f in (MODEL_FILE, MANIFEST_FILE) if not (bundle / f).is_file()]
+    if missing:
+        raise BundleRefused(f"not a bundle: missing {', '.join(missing)}")
+    fp = fingerprint(bundle)
+    if previous is not None and previous.fingerprint == fp:
+        return previous
+    try:
+        manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleRefused(f"manifest.json is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise BundleRefused("manifest.json is not an object")
+    model_bytes = (bundle / MODEL_FILE).read_bytes()
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest != manifest.get("model_sha256"):
+        raise BundleRefused(
+            f"model.onnx sha256 {digest[:16]}... does not match the manifest's "
+            f"{str(manifest.get('model_sha256'))[:16]}..."
+        )
+    if manifest.get("bundle_format") not in SUPPORTED_FORMATS:
+        raise BundleRefused(
+            f"bundle_format {manifest.get('bundle_format')!r} is not supported "
+            f"(this server reads {sorted(SUPPORTED_FORMATS)})"
+        )
+    for key in ("task", "inputs", "outputs"):
+        if key not in manifest:
+            raise BundleRefused(f"manifest lacks {key!r}")
+    try:
+        encoder = Encoder(manifest["inputs"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleRefused(f"manifest inputs are malformed: {err}") from None
+    try:
+        session = session_for(model_bytes)
+    except Exception as err:  # onnxruntime raises its own exception types for a corrupt graph
+        raise BundleRefused(f"onnxruntime cannot load model.onnx: {err}") from None
+    graph_in = session.get_inputs()
+    if (
+        len(graph_in) != 1
+        or graph_in[0].type != "tensor(float)"
+        or graph_in[0].shape[-1] != len(encoder.names)
+    ):
+        raise BundleRefused(
+            f"the graph takes {[(i.name, i.type, i.shape) for i in graph_in]}, but the manifest "
+            f"describes one float32 [N, {len(encoder.names)}] input"
+        )
+    graph_out = {o.name for o in session.get_outputs()}
+    listed = [o["name"] for o in manifest["outputs"]]
+    absent = [o for o in listed if o not in graph_out]
+    if absent:
+        raise BundleRefused(f"the manifest lists outputs {absent} the graph does not produce")
+    exposed = [o for o in listed if o not in HIDDEN_OUTPUTS]
+    guardrails = None
+    if manifest.get("guardrails"):
+        categories = {s.name: list(s.categories or []) for s in encoder.specs if s.kind == "category"}
+        try:
+            guardrails = Guardrails(manifest["guardrails"], categories, encoder.names, graph_out)
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleRefused(f"guardrails are malformed: {err}") from None
+    extra = sorted(guardrails.needed_outputs - set(exposed)) if guardrails else []
+    task = str(manifest["task"])
+    return Model(
+        task=task,
+        name=str(manifest.get("model_name") or f"masml-{task}"),
+        version=str(manifest.get("version") or manifest.get("model_version") or digest[:12]),
+        sha256=digest,
+        path=str(bundle),
+        manifest=manifest,
+        session=session,
+        input_name=graph_in[0].name,
+        encoder=encoder,
+        outputs=exposed,
+        run_outputs=exposed + extra,
+        guardrails=guardrails,
+        fingerprint=fp,
+    )
+
+
+@dataclass
+class Snapshot:
+    models: dict[str, Model] = field(default_factory=dict)  # by task
+    refused: list[dict] = field(default_factory=list)
+    generation: int = 0
+
+    def get(self, name: str) -> Model | None:
+        m = self.models.get(name)
+        if m is None:  # also by model name, as OIP clients may use it
+            m = next((v for v in self.models.values() if v.name == name), None)
+        return m
+
+
+def load_folder(folder: Path, previous: Snapshot | None = None) -> Snapshot:
+    """Every bundle under ``folder``; a refused bundle keeps its previous version serving, if any."""
+    prev = previous or Snapshot()
+    snap = Snapshot(generation=prev.generation + 1)
+    if not folder.is_dir():
+        snap.refused.append({"path": str(folder), "reason": "models folder does not exist"})
+        return snap
+    candidates = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if (folder / MANIFEST_FILE).is_file():
+        candidates.insert(0, folder)
+    by_path = {m.path: m for m in prev.models.values()}
+    for path in candidates:
+        if not (path / MANIFEST_FILE).exists() and not (path / MODEL_FILE).exists():
+            continue
+        try:
+            model = load_model(path, by_path.get(str(path)))
+        except (BundleRefused, OSError) as err:
+            kept = by_path.get(str(path))
+            entry = {"path": str(path), "reason": str(err)}
+            if kept is not None and kept.task not in snap.models:
+                snap.models[kept.task] = kept
+                entry["kept"] = {"task": kept.task, "version": kept.version, "sha256": kept.sha256}
+            log.error(
+                "bundle refused: %s: %s%s", path, err, " (previous version keeps serving)" if kept else ""
+            )
+            snap.refused.append(entry)
+            continue
+        if model.task in snap.models:
+            reason = f"task {model.task!r} is already served from {snap.models[model.task].path}"
+            log.error("bundle refused: %s: %s", path, reason)
+            snap.refused.append({"path": str(path), "reason": reason})
+            continue
+        snap.models[model.task] = model
+        log.info(
+            "bundle loaded: %s task=%s version=%s sha256=%s",
+            path,
+            model.task,
+            model.version,
+            model.sha256[:16],
+        )
+    return snap

@@ -1,0 +1,414 @@
+"""The OpenAPI 3.1 document, generated from the loaded manifests.
+
+Why generated: each model has its own inputs, units and ranges; a spec written by hand would drift from
+the bundles it describes. Paths are listed per loaded task (``/v1/models/onset/predict``), so a client
+generator or schemathesis sees the exact patient schema of each model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve import __version__
+from serve.bundles import Model, Snapshot
+
+REF = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": REF + name}
+
+
+def _patient_schema(m: Model) -> dict:
+    props: dict[str, Any] = {
+        "patient_id": {
+            "type": ["string", "integer", "null"],
+            "maxLength": 128,
+            "description": "echoed back; never logged",
+        }
+    }
+    for s in m.encoder.specs:
+        desc = m.manifest["inputs"][m.encoder.names.index(s.name)].get("description") or s.name
+        if s.kind == "category":
+            props[s.name] = {"enum": [*s.categories, None], "description": desc}  # type: ignore[misc]
+        elif s.kind == "binary":
+            props[s.name] = {
+                "oneOf": [{"type": "boolean"}, {"enum": [0, 1]}, {"type": "null"}],
+                "description": f"{desc} (0/1)",
+            }
+        else:
+            plain = {"type": "number", "description": f"{desc}, in {s.unit}"}
+            if s.low is not None:
+                plain |= {"minimum": s.low, "maximum": s.high}
+            props[s.name] = {
+                "oneOf": [
+                    plain,
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["value", "unit"],
+                        "description": f"{desc} in an accepted unit; converted, then range-checked",
+                        "properties": {
+                            "value": {"type": "number"},
+                            "unit": {"type": "string", "examples": s.accepted},
+                        },
+                    },
+                ],
+                "description": f"{desc}; canonical unit {s.unit}, accepted units {s.accepted}",
+            }
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": props,
+        "required": [s.name for s in m.encoder.specs if s.required],
+        "description": f"one patient for model {m.task!r}; absent or null fields are missing values",
+    }
+
+
+def _common_schemas() -> dict:
+    num_list = {"type": "array", "items": {"type": ["number", "null"]}}
+    return {
+        "Problem": {
+            "type": "object",
+            "required": ["field", "kind", "message"],
+            "properties": {
+                "field": {
+                    "type": "string",
+                    "description": "path of the offending field, e.g. patients[0].ferritin",
+                },
+                "kind": {"type": "string", "description": "machine-readable problem kind"},
+                "message": {"type": "string"},
+                "value": {"description": "the value sent"},
+                "expected": {"description": "what would have been accepted"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "problems": {"type": "array", "items": _ref("Problem")},
+                "request_id": {"type": "string"},
+            },
+            "description": "every client error (4xx)",
+        },
+        "OipError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+            "description": "Open Inference Protocol error",
+        },
+        "ModelRef": {
+            "type": "object",
+            "properties": {k: {"type": "string"} for k in ("task", "name", "version", "sha256")},
+        },
+        "GuardrailFlag": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "status": {"enum": ["fired", "clear", "unknown"]},
+                "message": {"type": "string"},
+            },
+            "description": "a manifest guardrail rule's outcome",
+        },
+        "Prediction": {
+            "type": "object",
+            "additionalProperties": {"type": "number"},
+            "properties": {
+                "patient_id": {"type": ["string", "integer"]},
+                "risk": {"type": "number", "description": "calibrated probability (risk models)"},
+                "benefit": {"type": "number", "description": "risk_untreated - risk_treated (benefit model)"},
+                "risk_untreated": {"type": "number"},
+                "risk_treated": {"type": "number"},
+                "guardrails": {"type": "array", "items": _ref("GuardrailFlag")},
+            },
+        },
+        "PredictResponse": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"},
+                "model": _ref("ModelRef"),
+                "predictions": {"type": "array", "items": _ref("Prediction")},
+            },
+        },
+        "ModelInfo": {
+            "type": "object",
+            "description": "a loaded bundle's manifest, summarised",
+            "properties": {
+                "task": {"type": "string"},
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "sha256": {"type": "string"},
+                "inputs": {"type": "array", "items": {"type": "object"}},
+                "outputs": {"type": "array", "items": {"type": "object"}},
+                "metrics": {"type": "object"},
+                "guardrails": {"type": "array"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "properties": {
+                "models": {"type": "array", "items": _ref("ModelInfo")},
+                "refused": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "path": {"type": "string"},
+                            "reason": {"type": "string"},
+                            "kept": _ref("ModelRef"),
+                        },
+                    },
+                },
+            },
+        },
+        "ReloadResult": {
+            "type": "object",
+            "properties": {
+                "generation": {"type": "integer"},
+                "models": {"type": "array", "items": _ref("ModelRef")},
+                "refused": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "Health": {"type": "object", "description": "liveness/readiness"},
+        "InvocationsRequest": {
+            "type": "object",
+            "description": "MLflow scoring protocol; one of the two",
+            "properties": {
+                "dataframe_split": {
+                    "type": "object",
+                    "required": ["columns", "data"],
+                    "properties": {
+                        "columns": {"type": "array", "items": {"type": "string"}},
+                        "data": {"type": "array", "items": {"type": "array"}},
+                        "index": {"type": "array"},
+                    },
+                },
+                "dataframe_records": {"type": "array", "items": {"type": "object"}},
+                "params": {"type": "object"},
+            },
+        },
+        "InvocationsResponse": {
+            "type": "object",
+            "properties": {
+                "predictions": {
+                    "type": "array",
+                    "items": {"type": "object", "additionalProperties": {"type": "number"}},
+                }
+            },
+        },
+        "Tensor": {
+            "type": "object",
+            "required": ["name", "shape", "datatype"],
+            "properties": {
+                "name": {"type": "string"},
+                "shape": {"type": "array", "items": {"type": "integer"}},
+                "datatype": {"type": "string", "enum": ["FP32"]},
+                "parameters": {"type": "object"},
+                "data": num_list,
+            },
+        },
+        "InferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": {"type": "object"},
+                "inputs": {"type": "array", "items": _ref("Tensor")},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                    },
+                },
+            },
+        },
+        "InferResponse": {
+            "type": "object",
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "outputs": {"type": "array", "items": _ref("Tensor")},
+            },
+        },
+        "ModelMetadata": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": _ref("Tensor")},
+                "outputs": {"type": "array", "items": _ref("Tensor")},
+            },
+        },
+        "ServerMetadata": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "extensions": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    }
+
+
+def _resp(schema: str | None, text: str, errors: tuple[int, ...] = (), oip: bool = False) -> dict:
+    out: dict[str, Any] = {"200": {"description": text}}
+    if schema:
+        out["200"]["content"] = {"application/json": {"schema": _ref(schema)}}
+    for code in errors:
+        out[str(code)] = {
+            "description": "client error",
+            "content": {"application/json": {"schema": _ref("OipError" if oip else "Error")}},
+        }
+    return out
+
+
+def build_spec(snap: Snapshot, config: Any) -> dict:
+    schemas = _common_schemas()
+    auth = [{"bearer": []}]
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {"summary": "alive", "security": [], "responses": _resp("Health", "alive")}},
+        "/readyz": {
+            "get": {
+                "summary": "at least one model loaded",
+                "security": [],
+                "responses": _resp("Health", "ready") | {"503": {"description": "not ready"}},
+            }
+        },
+        "/ping": {
+            "get": {"summary": "MLflow-style liveness", "security": [], "responses": _resp(None, "ok")}
+        },
+        "/health": {
+            "get": {"summary": "MLflow-style liveness", "security": [], "responses": _resp(None, "ok")}
+        },
+        "/version": {"get": {"summary": "server version", "security": [], "responses": _resp(None, "ok")}},
+        "/openapi.json": {
+            "get": {"summary": "this document", "security": [], "responses": _resp(None, "ok")}
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition format)",
+                "responses": _resp(None, "metrics", (401,)),
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "every loaded model and every refused bundle",
+                "responses": _resp("ModelList", "models", (401,)),
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "reload every bundle (admin key); a broken one is refused and the "
+                "previous version keeps serving",
+                "responses": _resp("ReloadResult", "reloaded", (401, 403)),
+            }
+        },
+        "/invocations": {
+            "post": {
+                "summary": "MLflow scoring protocol (dataframe_split / dataframe_records)",
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": sorted(snap.models)},
+                        "description": "task; needed when several models are served",
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("InvocationsRequest")}},
+                },
+                "responses": _resp("InvocationsResponse", "predictions", (400, 401, 413, 415, 422)),
+            }
+        },
+        "/v2": {
+            "get": {
+                "summary": "OIP server metadata",
+                "responses": _resp("ServerMetadata", "ok", (401,), True),
+            }
+        },
+        "/v2/health/live": {
+            "get": {"summary": "OIP liveness", "security": [], "responses": _resp(None, "live")}
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "OIP readiness",
+                "security": [],
+                "responses": _resp(None, "ready") | {"503": {"description": "not ready"}},
+            }
+        },
+    }
+    for task, m in sorted(snap.models.items()):
+        pname = f"Patient_{task}"
+        schemas[pname] = _patient_schema(m)
+        schemas[f"PredictRequest_{task}"] = {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["patients"],
+            "properties": {
+                "patients": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": config.max_batch,
+                    "items": _ref(pname),
+                }
+            },
+        }
+        paths[f"/v1/models/{task}"] = {
+            "get": {
+                "summary": f"manifest summary of {task}",
+                "responses": _resp("ModelInfo", "model", (401, 404)),
+            }
+        }
+        paths[f"/v1/models/{task}/predict"] = {
+            "post": {
+                "summary": f"score patients with {task} ({', '.join(m.outputs)}, guardrail flags)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(f"PredictRequest_{task}")}},
+                },
+                "responses": _resp(
+                    "PredictResponse", "one prediction per patient, in order", (400, 401, 404, 413, 422)
+                ),
+            }
+        }
+        paths[f"/v2/models/{task}"] = {
+            "get": {
+                "summary": "OIP model metadata",
+                "responses": _resp("ModelMetadata", "ok", (401, 404), True),
+            }
+        }
+        paths[f"/v2/models/{task}/ready"] = {
+            "get": {"summary": "OIP model readiness", "responses": _resp(None, "ready", (401, 404), True)}
+        }
+        paths[f"/v2/models/{task}/infer"] = {
+            "post": {
+                "summary": f"OIP inference: FP32 {m.input_name!r} [N, {len(m.encoder.names)}], columns "
+                f"in manifest order: {m.encoder.names}",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("InferRequest")}},
+                },
+                "responses": _resp("InferResponse", "ok", (400, 401, 404, 413), True),
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "masml scoring service",
+            "version": __version__,
+            "description": "Scores masml ONNX bundles. Inputs in canonical units or {value, unit}.",
+        },
+        "security": auth,
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

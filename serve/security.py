@@ -1,0 +1,116 @@
+"""API keys and the audit log.
+
+Why hashes: a leaked key file or a memory dump must not hand out working keys, so only sha256 digests
+are kept, and a presented key is hashed and compared with ``hmac.compare_digest`` against every stored
+digest (no early exit that would time-leak which prefix matched).
+
+Why the audit log holds hashes, not inputs: it must prove which model version scored which request
+without ever becoming a store of patient data. The input hash is an HMAC when ``MASML_SERVE_AUDIT_KEY``
+is set, so that low-entropy lab panels cannot be recovered by hashing guesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import numpy as np
+
+ROLES = ("user", "admin")
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Keys:
+    """Entries: ``KEY[:role]`` from ``MASML_SERVE_API_KEYS`` (comma-separated), or lines of a key file as
+    ``KEY [role]`` or ``sha256:HEX [role]`` (already hashed, so the file can hold no secret at all)."""
+
+    def __init__(self, entries: list[tuple[str, str]]) -> None:
+        self.hashes: list[tuple[bytes, str]] = [(bytes.fromhex(h), role) for h, role in entries]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hashes)
+
+    @classmethod
+    def load(cls, env: str | None, file: str | Path | None) -> Keys:
+        entries: list[tuple[str, str]] = []
+        for item in (env or "").split(","):
+            item = item.strip()
+            if item:
+                key, _, role = item.partition(":") if item.endswith((":admin", ":user")) else (item, "", "")
+                entries.append((digest(key), role or "user"))
+        if file:
+            for n, line in enumerate(Path(file).read_text().splitlines(), 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = line.split()
+                role = parts[1] if len(parts) > 1 else "user"
+                if role not in ROLES or len(parts) > 2:
+                    raise ValueError(f"{file}:{n}: expected 'KEY [user|admin]' or 'sha256:HEX [user|admin]'")
+                h = parts[0][7:] if parts[0].startswith("sha256:") else digest(parts[0])
+                if len(h) != 64:
+                    raise ValueError(f"{file}:{n}: a sha256 digest has 64 hex digits")
+                entries.append((h.lower(), role))
+        return cls(entries)
+
+    def role(self, authorization: str | None) -> str | None:
+        """The presented key's role, or None; constant time over the stored digests."""
+        if not authorization or not authorization[:7].lower() == "bearer ":
+            return None
+        presented = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found = None
+        for h, role in self.hashes:
+            if hmac.compare_digest(presented, h) and found != "admin":
+                found = role
+        return found
+
+
+class Audit:
+    """One JSON line per prediction request: who/what/when and outputs, never the inputs."""
+
+    def __init__(self, path: str | None) -> None:
+        self.stream: IO[str] = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115
+        key = os.environ.get("MASML_SERVE_AUDIT_KEY")
+        self.key = key.encode() if key else None
+        self.encoder = msgspec.json.Encoder()
+
+    def input_hashes(self, x32: np.ndarray) -> list[str]:
+        rows = np.ascontiguousarray(x32)
+        if self.key:
+            return [hmac.new(self.key, r.tobytes(), "sha256").hexdigest()[:32] for r in rows]
+        return [hashlib.sha256(r.tobytes()).hexdigest()[:32] for r in rows]
+
+    def write(
+        self,
+        request_id: str,
+        endpoint: str,
+        model: Any,
+        x32: np.ndarray,
+        outputs: dict[str, list],
+        principal: str | None,
+    ) -> None:
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "request_id": request_id,
+            "endpoint": endpoint,
+            "model": model.name,
+            "task": model.task,
+            "version": model.version,
+            "sha256": model.sha256,
+            "key": principal,
+            "n": int(x32.shape[0]),
+            "input_sha256": self.input_hashes(x32),
+            "outputs": outputs,
+        }
+        self.stream.write(self.encoder.encode(record).decode() + "\n")
