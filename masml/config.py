@@ -80,6 +80,8 @@ class Config:
     label: str
     population: str
     inputs: list[str] = field(default_factory=lambda: list(INPUT_NAMES))
+    # Clinical scores added as model features, computed inside the exported graph (masml.features.SCORES).
+    score_features: list[str] = field(default_factory=list)
     test_size: float = 0.25
     folds: int = 5
     seed: int = 0
@@ -235,6 +237,19 @@ def _check_inputs(v: Any) -> list[str]:
     return list(v)
 
 
+def _check_score_features(v: Any) -> list[str]:
+    from masml.features import SCORES
+
+    v = _want_list("score_features", v)
+    for name in v:
+        if name not in SCORES:
+            raise ConfigError(f"config key 'score_features': {name!r} is not a score feature; "
+                              f"available: {sorted(SCORES)}")  # fmt: skip
+    if len(set(v)) != len(v):
+        raise ConfigError(f"config key 'score_features': {v!r} names a score more than once")
+    return list(v)
+
+
 def config_from_dict(raw: dict, task: str | None = None) -> Config:
     """Validate a mapping of overrides and merge it onto the task's defaults."""
     if not isinstance(raw, dict):
@@ -274,6 +289,8 @@ def config_from_dict(raw: dict, task: str | None = None) -> Config:
             out[key] = _want_str(key, v)
         elif key == "inputs":
             out[key] = _check_inputs(v)
+        elif key == "score_features":
+            out[key] = _check_score_features(v)
         elif key == "test_size":
             out[key] = _want_prob(key, v)
         elif key == "folds":
@@ -284,7 +301,19 @@ def config_from_dict(raw: dict, task: str | None = None) -> Config:
             out[key] = _want_int(key, v, low=1)
         elif key == "thresholds":
             out[key] = [_want_prob(f"thresholds[{i}]", t) for i, t in enumerate(_want_list(key, v))]
-    return Config(**out)
+    config = Config(**out)
+    _check_scores_have_inputs(config)
+    return config
+
+
+def _check_scores_have_inputs(config: Config) -> None:
+    from masml.features import SCORES
+
+    for name in config.score_features:
+        absent = [n for n in SCORES[name][0] if n not in config.inputs]
+        if absent:
+            raise ConfigError(f"config key 'score_features': {name!r} is computed from {absent}, which "
+                              "'inputs' does not list; add them to 'inputs' or drop the score")  # fmt: skip
 
 
 def load_config(path: str | Path | None = None, task: str | None = None) -> Config:

@@ -255,7 +255,8 @@ def _features(g: _Graph, spec: Sequence[Feature], n_inputs: int) -> str:
     cols = [j for j, f in enumerate(spec) if f.op == "column"]
     hots = [j for j, f in enumerate(spec) if f.op == "one_hot"]
     ratios = [j for j, f in enumerate(spec) if f.op == "ratio"]
-    unknown = [f.op for f in spec if f.op not in ("column", "one_hot", "ratio")]
+    scored = [j for j, f in enumerate(spec) if f.op == "score"]
+    unknown = [f.op for f in spec if f.op not in ("column", "one_hot", "ratio", "score")]
     if unknown:
         raise ValueError(f"unknown feature ops {sorted(set(unknown))}")
     if cols:
@@ -280,6 +281,9 @@ def _features(g: _Graph, spec: Sequence[Feature], n_inputs: int) -> str:
         quotient = g.op("Div", [num, den], "ratio_quotient")
         groups.append(g.op("Where", [positive, quotient, nan], "ratio_features"))
         order += ratios
+    for j in scored:
+        groups.append(_score(g, spec[j]))
+        order.append(j)
     if not groups:
         raise ValueError("the feature spec is empty")
     joined = groups[0] if len(groups) == 1 else g.op("Concat", groups, "grouped_features", axis=1)
@@ -287,6 +291,27 @@ def _features(g: _Graph, spec: Sequence[Feature], n_inputs: int) -> str:
         return joined
     perm = g.const("feature_order", [order.index(j) for j in range(len(spec))], np.int64)
     return g.op("Gather", [joined, perm], "features", axis=1)
+
+
+_COMPARE = {">=": "GreaterOrEqual", ">": "Greater", "<=": "LessOrEqual", "==": "Equal"}
+
+
+def _score(g: _Graph, f: Feature) -> str:
+    """The ONNX twin of ``features.score_points``: per item, count the conditions met (a NaN meets
+    none) and look the count up in the item's points; sum the items. Integer points sum exactly."""
+    total = None
+    for i, item in enumerate(f.items):
+        count = None
+        for k, c in enumerate(item.conditions):
+            p = f"{f.name}_{i}_{k}"
+            col = g.op("Gather", [INPUT, g.const(f"{p}_index", [c.input], np.int64)], f"{p}_value", axis=1)
+            met = g.op(_COMPARE[c.op], [col, g.const(f"{p}_threshold", c.threshold, np.float32)], f"{p}_met")
+            met = g.op("Cast", [met], f"{p}_count", to=TensorProto.INT64)
+            count = met if count is None else g.op("Add", [count, met], f"{p}_sum")
+        points = g.const(f"{f.name}_{i}_points", item.points, np.float32)
+        item_points = g.op("Gather", [points, count], f"{f.name}_{i}_item", axis=0)
+        total = item_points if total is None else g.op("Add", [total, item_points], f"{f.name}_{i}_total")
+    return total
 
 
 def _trees(g: _Graph, forest: _Forest, features: str) -> str:
@@ -559,6 +584,17 @@ def _stress_rows(
                 if new is not None:
                     rows.append(new[None, :])
                     labels.append((kind, f"feature {spec[f].name} = {value!r} (split at {thr!r})"))
+        # A clinical score's own cut-offs: an input exactly on (and one float32 step around) each one.
+        for f in (g for g in spec if g.op == "score"):
+            conditions = [c for item in f.items for c in item.conditions]
+            for c_no, c in enumerate(conditions):
+                thr, inf = np.float32(c.threshold), np.float32(np.inf)
+                for value in (np.nextafter(thr, -inf), thr, np.nextafter(thr, inf)):
+                    new = sample[c_no % len(sample)].copy()
+                    new[c.input] = value
+                    rows.append(new[None, :])
+                    text = f"score {f.name}: input {c.input} = {value!r} ({c.op} {thr!r})"
+                    labels.append(("threshold", text))
     return np.concatenate(rows).astype(np.float32), labels
 
 
@@ -578,6 +614,8 @@ def _set_feature(row: np.ndarray, spec: Sequence[Feature], f: int, value: np.flo
         new[feat.inputs[0]] = value
     elif feat.op == "ratio":
         new[feat.inputs[0]], new[feat.inputs[1]] = value, np.float32(1.0)  # value / 1 == value exactly
+    elif feat.op == "score":
+        return None  # a points total is not set directly; its items' cut-offs are stressed instead
     elif value == 1.0:
         new[feat.inputs[0]] = np.float32(feat.value)
     elif value == 0.0:

@@ -334,7 +334,7 @@ def tune_and_fit(
         raise ValueError(f"x has {x.shape[0]} rows, y {len(y)}, groups {len(groups)}")
     if not np.isin(y, (0.0, 1.0)).all():
         raise TrainingDataError("y must hold only 0 and 1 (select_population removes missing labels)")
-    spec = features.feature_spec(input_names)
+    spec = features.feature_spec(input_names, config.score_features)
     names = features.feature_names(spec)
     f = features.transform(x, spec)
 
@@ -403,32 +403,34 @@ def tune_and_fit(
 
 @dataclass
 class LogisticBaseline:
-    """Logistic regression on the booster's features: median imputation with missing-value indicators,
-    standard scaling. A simple yardstick for what the booster adds; it is never exported."""
+    """Logistic regression on the booster's features (an sklearn pipeline: derived features, median
+    imputation with missing-value indicators, standard scaling). A simple yardstick for what the booster
+    adds; it is never exported."""
 
     pipeline: Any
-    spec: list[features.Feature]
     input_names: list[str]
 
     def predict_risk(self, x: np.ndarray) -> np.ndarray:
-        f = features.transform(np.asarray(x, dtype=np.float32), self.spec).astype(np.float64)
-        return self.pipeline.predict_proba(f)[:, 1]
+        return self.pipeline.predict_proba(np.asarray(x, dtype=np.float32))[:, 1]
 
 
 def fit_logistic_baseline(
-    x: np.ndarray, y: np.ndarray, input_names: Sequence[str], seed: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    input_names: Sequence[str],
+    seed: int = 0,
+    score_features: Sequence[str] = (),
 ) -> LogisticBaseline:
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    spec = features.feature_spec(list(input_names))
-    f = features.transform(np.asarray(x, dtype=np.float32), spec).astype(np.float64)
     pipeline = make_pipeline(
+        features.FeatureBuilder(input_names=tuple(input_names), score_features=tuple(score_features)),
         SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
         StandardScaler(),
         LogisticRegression(max_iter=5000, random_state=seed),
     )
-    pipeline.fit(f, np.asarray(y).astype(int))
-    return LogisticBaseline(pipeline=pipeline, spec=spec, input_names=list(input_names))
+    pipeline.fit(np.asarray(x, dtype=np.float32), np.asarray(y).astype(int))
+    return LogisticBaseline(pipeline=pipeline, input_names=list(input_names))

@@ -118,7 +118,9 @@ def run_risk_pipeline(
         config,
         on_trial=lambda t: log(f"  trial {t['number']}: CV log loss {t['value']:.4f}"),
     )
-    baseline = fit_logistic_baseline(x[train_idx], y[train_idx], config.inputs, seed=config.seed)
+    baseline = fit_logistic_baseline(
+        x[train_idx], y[train_idx], config.inputs, seed=config.seed, score_features=config.score_features
+    )
 
     # ---- held-out evaluation, beside the baselines and the ceiling
     test = pop.iloc[test_idx].reset_index(drop=True)

@@ -376,3 +376,51 @@ def test_unsupported_boosters_are_refused(data):
     linear = xgb.train({**PARAMS, "booster": "gblinear"}, d, 2)
     with pytest.raises(ValueError, match="gbtree"):
         export(linear, spec, Calibrator("platt"))
+
+
+def test_hscore_feature_matches_the_baseline_and_the_graph_bitwise():
+    """The HScore computed inside the graph is masml.scores.hscore, on cut-offs and missing values too."""
+    from masml import scores
+
+    c = simulate(2000, seed=13)
+    X = encode_inputs(c.data, NAMES)
+    spec = feature_spec(NAMES, ["hscore"])
+    assert spec[-1].name == "hscore" and spec[-1].op == "score"
+    np.testing.assert_array_equal(transform(X, spec)[:, -1], scores.hscore(c.data).to_numpy())
+    idx = {n: i for i, n in enumerate(NAMES)}
+    x = np.repeat(X[:1], 6, axis=0)
+    f = idx["ferritin"]
+    x[:4, f] = [1999.0, 2000.0, 6000.0, np.nextafter(np.float32(6000), np.float32(np.inf))]
+    x[4, idx["temperature_c"]] = np.nan
+    x[5, :] = np.nan  # nothing known: 0 points
+    got = transform(x, spec)[:, -1]
+    # ferritin < 2000: 0; 2000-6000 inclusive: 35; > 6000: 50 (Fardet 2014)
+    assert list(got[1:4] - got[0]) == [35, 35, 50] and got[5] == 0
+    x = np.concatenate([x, X[:40]])
+    g = ox._Graph()
+    out = ox._features(g, spec, len(NAMES))
+    graph = helper.make_graph(
+        g.nodes,
+        "features",
+        [helper.make_tensor_value_info(ox.INPUT, TensorProto.FLOAT, ["N", len(NAMES)])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", len(spec)])],
+        g.inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=8)
+    (onnx_out,) = session(m).run(None, {ox.INPUT: x})
+    np.testing.assert_array_equal(onnx_out, transform(x, spec))
+
+
+def test_parity_gate_with_a_score_feature_stresses_its_cut_offs():
+    c = simulate(3000, seed=14)
+    X = encode_inputs(c.data, NAMES)
+    spec = feature_spec(NAMES, ["hscore"])
+    y = c.data["mas_onset"].to_numpy(dtype=float)
+    booster = xgb.train(PARAMS, xgb.DMatrix(transform(X[:2000], spec), label=y[:2000], missing=np.nan), 30)
+    cal = fit_calibrator(booster.inplace_predict(transform(X[2000:2500], spec), predict_type="margin"),
+                         y[2000:2500], "platt")  # fmt: skip
+    report = ox.parity_gate(export(booster, spec, cal), booster, spec, cal, X[2500:])
+    assert report["max_abs_diff_risk"] <= 1e-5
+    forest = ox._read_forest(booster)
+    _, labels = ox._stress_rows(forest, spec, X[2500:], missing_rows=0, threshold_rows=True, seed=0)
+    assert sum(text.startswith("score hscore") for _, text in labels) == 3 * 15  # 15 cut-offs, 3 values each

@@ -137,11 +137,15 @@ def test_champion_moves_only_for_a_better_model(onset_run, workspace):
     assert "kept" in again.champion_message
 
 
-def test_icu_pipeline_skips_and_counts_rows_outside_its_population(workspace):
+def test_icu_pipeline_skips_and_counts_rows_outside_its_population(workspace, tmp_path):
+    """Also: HScore as a feature, computed inside the exported graph (the parity gate checks it)."""
+    config = _tiny_config(tmp_path, "score_features: [hscore]\n")
     result = run_risk_pipeline(
         "icu", workspace["data"], workspace["tmp"] / "models" / "icu",
-        config_path=workspace["config"], log=lambda m: None, track=False,
+        config_path=config, log=lambda m: None, track=False,
     )  # fmt: skip
+    assert result.extra["model"].feature_names[-1] == "hscore"
+    assert result.parity["max_abs_diff_risk"] <= 1e-5
     report = result.extra["population"]
     frame = pd.read_parquet(workspace["data"])
     assert report.skipped_outside_population == int((frame["mas_onset"] == 0).sum())

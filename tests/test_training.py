@@ -99,6 +99,10 @@ def test_unknown_input_column_is_named_with_the_valid_ones():
         ({"thresholds": [0.2, 2]}, r"'thresholds\[1\]': value 2 must lie strictly between 0 and 1"),
         ({"label": "ferritin"}, r"'label': 'ferritin' is not a label"),
         ({"task": "icu"}, r"the file says 'icu' but 'onset' was requested"),
+        ({"score_features": ["hscor"]}, r"'hscor' is not a score feature; available: \['hscore'\]"),
+        ({"score_features": ["hscore", "hscore"]}, r"names a score more than once"),
+        ({"score_features": ["hscore"], "inputs": ["ferritin", "ast"]},
+         r"'hscore' is computed from \['immunosuppressed', .*which 'inputs' does not list"),
     ],
 )
 def test_wrong_values_name_the_key_value_and_expectation(raw, pattern):
@@ -243,3 +247,25 @@ def test_fit_refuses_mismatched_shapes(cohort):
             INPUT_NAMES,
             load_config(None, "onset"),
         )
+
+
+def test_feature_builder_is_an_sklearn_transformer():
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from masml.cohort import simulate
+    from masml.encoding import encode_inputs
+    from masml.features import FeatureBuilder, feature_spec, transform
+    from masml.schema import INPUT_NAMES
+
+    names = tuple(INPUT_NAMES)
+    x = encode_inputs(simulate(300, seed=5).data, names)
+    builder = FeatureBuilder(input_names=names, score_features=("hscore",))
+    pipe = make_pipeline(clone(builder), FunctionTransformer())
+    out = pipe.fit_transform(x)
+    np.testing.assert_array_equal(out, transform(x, feature_spec(names, ["hscore"])))
+    out_names = list(pipe[0].get_feature_names_out())
+    assert out_names[-1] == "hscore" and "ferritin_esr_ratio" in out_names and len(out_names) == out.shape[1]
+    with pytest.raises(ValueError, match=r"expects an input matrix \[N, 35\].*got shape \(300, 3\)"):
+        pipe.transform(x[:, :3])
