@@ -101,6 +101,20 @@ def test_threshold_rows_sit_exactly_on_splits(data, model):
     assert {"column", "ratio", "one_hot"} <= ops
 
 
+def _features_model(spec) -> onnx.ModelProto:
+    """The features subgraph alone, as a model whose output is the feature matrix."""
+    g = ox._Graph()
+    out = ox._features(g, spec, len(NAMES))
+    graph = helper.make_graph(
+        g.nodes,
+        "features",
+        [helper.make_tensor_value_info(ox.INPUT, TensorProto.FLOAT, ["N", len(NAMES)])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", len(spec)])],
+        g.inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=8)
+
+
 def test_features_subgraph_matches_numpy_bitwise(data):
     """Gather / Equal / guarded Div: NaN codes, unknown codes, zero, negative and NaN denominators."""
     X, _, spec = data
@@ -115,16 +129,7 @@ def test_features_subgraph_matches_numpy_bitwise(data):
     x[6, idx["trigger"]] = 99.0  # not a category index: every one-hot is 0 on both sides
     x[7, idx["sex"]] = np.nan
     x[8, :] = np.nan
-    g = ox._Graph()
-    out = ox._features(g, spec, len(NAMES))
-    graph = helper.make_graph(
-        g.nodes,
-        "features",
-        [helper.make_tensor_value_info(ox.INPUT, TensorProto.FLOAT, ["N", len(NAMES)])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", len(spec)])],
-        g.inits,
-    )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=8)
+    m = _features_model(spec)
     (got,) = session(m).run(None, {ox.INPUT: x})
     want = transform(x, spec)
     np.testing.assert_array_equal(got, want)  # NaN positions equal, every value bit-identical
@@ -397,16 +402,7 @@ def test_hscore_feature_matches_the_baseline_and_the_graph_bitwise():
     # ferritin < 2000: 0; 2000-6000 inclusive: 35; > 6000: 50 (Fardet 2014)
     assert list(got[1:4] - got[0]) == [35, 35, 50] and got[5] == 0
     x = np.concatenate([x, X[:40]])
-    g = ox._Graph()
-    out = ox._features(g, spec, len(NAMES))
-    graph = helper.make_graph(
-        g.nodes,
-        "features",
-        [helper.make_tensor_value_info(ox.INPUT, TensorProto.FLOAT, ["N", len(NAMES)])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", len(spec)])],
-        g.inits,
-    )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=8)
+    m = _features_model(spec)
     (onnx_out,) = session(m).run(None, {ox.INPUT: x})
     np.testing.assert_array_equal(onnx_out, transform(x, spec))
 
