@@ -7,7 +7,7 @@ STAMP := .venv/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all]'
+	$(PY) -m pip install -qq --disable-pip-version-check -c constraints.txt -e '.[all]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -19,3 +19,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_cohort.py
+	$(PY) bench/bench_evaluation.py
+	$(PY) bench/bench_predict.py
+	$(PY) bench/bench_pipeline.py

@@ -59,9 +59,9 @@ def main() -> None:
         )
         model = result.extra["model"]
         print(f"model: {model.n_rounds} trees, best params {model.best_params}")
-        frame = simulate(args.n, seed=2)
-        data, _ = write_cohort(frame, tmp / "score.parquet")
-        x = encode_inputs(frame, config.inputs)
+        scored = simulate(args.n, seed=2)
+        data, _ = write_cohort(scored, tmp / "score.parquet")
+        x = encode_inputs(scored.data, config.inputs)
         session = onnx_session((result.bundle_dir / "model.onnx").read_bytes())
         feed_name = session.get_inputs()[0].name
         # Same rows, same answer: the figures compare like with like.
