@@ -42,6 +42,33 @@ def explain_patient(expl, row: int, top: int = 10) -> pd.DataFrame:
     return table.iloc[order].reset_index(drop=True)
 
 
+def explain_patients(model, frame: pd.DataFrame, top: int = 10) -> pd.DataFrame:
+    """Why the model gave each of these patients their risk: their ``top`` largest contributions.
+
+    ``model`` is a trained risk model (``masml.training.TrainedRiskModel``); ``frame`` holds patients
+    in masml's canonical schema (validated, canonical units). One row per (patient, feature), largest
+    |contribution| first, with the patient's base value, margin (log-odds) and calibrated risk repeated
+    so each row reads on its own: base_value + sum of *all* contributions = margin.
+    """
+    from masml.encoding import encode_inputs
+
+    x = encode_inputs(frame, model.input_names)
+    expl = shap_explanation(model.booster, model.features(x), model.feature_names)
+    margin = np.asarray(model.predict_margin(x), float)
+    risk = np.asarray(model.calibrator.apply(margin), float)
+    ids = frame["patient_id"].astype(str).to_numpy() if "patient_id" in frame else np.arange(len(frame))
+    tables = []
+    for i in range(len(frame)):
+        table = explain_patient(expl, i, top)
+        table.insert(0, "patient_id", ids[i])
+        table["rank"] = np.arange(1, len(table) + 1)
+        table["base_value"] = float(np.asarray(expl.base_values)[i])
+        table["margin"] = margin[i]
+        table["risk"] = risk[i]
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
 def save_plots(expl, out_dir: str | Path, n_dependence: int = 3) -> list[Path]:
     """Beeswarm summary and dependence plots of the top features, as PNG files."""
     import matplotlib
