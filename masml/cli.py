@@ -208,6 +208,25 @@ def _cell(value) -> str:
 
 
 @app.command()
+def serve(
+    models: Path = typer.Option(Path("models"), "--models", help="Folder of bundles (one per sub-folder)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (off loopback: keys needed)."),
+    port: int = typer.Option(8000, "--port"),
+    workers: int = typer.Option(1, "--workers", min=1),
+    api_keys_file: Path | None = typer.Option(None, "--api-keys-file", help="KEY|sha256:HEX [role] lines."),
+    audit_log: Path | None = typer.Option(None, "--audit-log", help="Audit log file (JSON lines)."),
+) -> None:
+    """Start the scoring service (serve/, onnxruntime only) on every bundle in --models."""
+    args = [sys.executable, "-m", "serve", "--models", str(models), "--host", host, "--port", str(port),
+            "--workers", str(workers)]  # fmt: skip
+    args += ["--api-keys-file", str(api_keys_file)] if api_keys_file else []
+    args += ["--audit-log", str(audit_log)] if audit_log else []
+    import os
+
+    os.execv(sys.executable, args)  # the service never runs inside masml's (training) interpreter state
+
+
+@app.command()
 def version() -> None:
     """Print masml's version."""
     out.print(__version__)

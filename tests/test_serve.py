@@ -1,0 +1,442 @@
+"""The scoring service as deployed: a real `python -m serve` process (training stack import-blocked) on
+loopback, called over HTTP: every endpoint, parity with masml's own scoring, units, bad inputs, auth,
+audit log, guardrails, refused bundles, the Open Inference Protocol through tritonclient, MLflow's
+/invocations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_serve_support import MASML, Server, call, copy_bundle, patients_from_frame, tiny_bundle
+
+from masml.encoding import encode_inputs
+from masml.io import load_dataset
+from masml.predict import onnx_session
+
+USER, ADMIN = "user-key-123", "admin-key-456"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def frame(bundle):
+    return load_dataset(bundle[0]).head(300).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """Open loopback server (no keys) with small limits so the size checks are cheap to hit."""
+    tmp = tmp_path_factory.mktemp("srv")
+    models = tmp / "models"
+    shutil.copytree(bundle[1], models)
+    broken = copy_bundle(bundle[1] / "onset", models / "broken", task="broken")
+    (broken / "model.onnx").write_bytes((broken / "model.onnx").read_bytes()[:-10] + b"0123456789")
+    audit = tmp / "audit.jsonl"
+    s = Server(
+        models, "--max-batch", "500", "--max-body-bytes", "300000", "--audit-log", str(audit), log=audit
+    )
+    s.audit = audit
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle, tmp_path_factory):
+    """Server with keys: one from the environment, an admin key from a file holding only its hash."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    keys = tmp / "keys.txt"
+    keys.write_text(f"# admin\nsha256:{hashlib.sha256(ADMIN.encode()).hexdigest()} admin\n")
+    s = Server(bundle[1], "--api-keys-file", str(keys), env={"MASML_SERVE_API_KEYS": USER})
+    yield s
+    s.stop()
+
+
+def predict(server, patients, task="onset", headers=None):
+    return call("POST", server.url(f"/v1/models/{task}/predict"), {"patients": patients}, headers)
+
+
+def test_health_models_and_refused_bundle(server):
+    assert call("GET", server.url("/healthz"))[0] == 200
+    st, _, ready = call("GET", server.url("/readyz"))
+    assert st == 200 and ready["ready"] and ready["models"] == ["onset"]
+    st, _, body = call("GET", server.url("/v1/models"))
+    assert st == 200
+    (m,) = body["models"]
+    assert m["task"] == "onset" and len(m["sha256"]) == 64 and m["version"]
+    ferritin = next(i for i in m["inputs"] if i["name"] == "ferritin")
+    assert ferritin["unit"] == "ng/mL" and ferritin["low"] == 1 and "pmol/L" in ferritin["accepted_units"]
+    assert [o["name"] for o in m["outputs"]] == ["risk"] and "auroc" in m["metrics"]
+    (refused,) = body["refused"]
+    assert refused["path"].endswith("broken") and "sha256" in refused["reason"]
+    assert "bundle refused" in server.stderr() and "BLOCKED IMPORT" not in server.stderr()
+    assert call("GET", server.url("/v1/models/onset"))[2]["task"] == "onset"
+    for path in (
+        "/ping",
+        "/health",
+        "/version",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/onset/ready",
+    ):
+        assert call("GET", server.url(path))[0] == 200, path
+
+
+def test_predictions_equal_onnxruntime_on_masml_encoding(server, bundle, frame):
+    """The service's risk is bit-for-bit onnxruntime on masml's encode_inputs of the same patients."""
+    manifest = json.loads((bundle[1] / "onset" / "manifest.json").read_text())
+    names = [i["name"] for i in manifest["inputs"]]
+    sess = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes())
+    expected = sess.run(["risk"], {"inputs": encode_inputs(frame, names)})[0].reshape(-1)
+    st, _, body = predict(server, patients_from_frame(frame))
+    assert st == 200, body
+    got = np.array([p["risk"] for p in body["predictions"]], dtype=np.float32)
+    assert np.array_equal(got, expected)
+    assert [p["patient_id"] for p in body["predictions"]] == frame["patient_id"].tolist()
+    assert body["model"]["sha256"] == manifest["model_sha256"] and body["predictions"][0]["guardrails"] == []
+    assert "margin" not in body["predictions"][0]
+
+
+def test_units_are_converted_before_scoring(server):
+    base = {
+        "age_years": 9,
+        "sex": "F",
+        "trigger": "sjia",
+        "ferritin": 8000,
+        "temperature_c": 39.0,
+        "platelets": 90,
+        "hemoglobin": 9.0,
+    }
+    alt = base | {
+        "ferritin": {"value": 8000, "unit": "µg/L"},
+        "temperature_c": {"value": 102.2, "unit": "°F"},
+        "platelets": {"value": 90, "unit": "x10⁹/L"},
+        "hemoglobin": {"value": 90, "unit": "g/L"},
+        "age_years": {"value": 108, "unit": "months"},
+    }
+    st, _, body = predict(server, [base, alt, {**base, "hemoglobin": None, "ferritin": None}])
+    assert st == 200, body
+    r = [p["risk"] for p in body["predictions"]]
+    assert r[0] == pytest.approx(r[1], abs=1e-6) and 0 <= r[2] <= 1
+
+
+BASE = {"age_years": 30, "sex": "M", "trigger": "sjia"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fields"),
+    [
+        ({"patients": [BASE | {"ferritni": 100}]}, 422, ["patients[0].ferritni"]),
+        ({"patients": [BASE | {"ferritin": "high"}]}, 422, ["patients[0].ferritin"]),
+        ({"patients": [BASE | {"ferritin": True}]}, 422, ["patients[0].ferritin"]),
+        (
+            {"patients": [BASE | {"ferritin": -5, "sodium": 500}]},
+            422,
+            ["patients[0].ferritin", "patients[0].sodium"],
+        ),
+        (
+            {"patients": [BASE | {"ferritin": {"value": 3, "unit": "furlongs"}}]},
+            422,
+            ["patients[0].ferritin"],
+        ),
+        ({"patients": [BASE | {"ferritin": {"value": 3}}]}, 422, ["patients[0].ferritin"]),
+        (
+            {"patients": [BASE | {"hemoglobin": {"value": 500, "unit": "g/L"}}]},
+            422,
+            ["patients[0].hemoglobin"],
+        ),
+        ({"patients": [BASE | {"trigger": "martian"}]}, 422, ["patients[0].trigger"]),
+        ({"patients": [BASE | {"hepatomegaly": 3}]}, 422, ["patients[0].hepatomegaly"]),
+        ({"patients": [{"sex": "F", "trigger": "sjia"}]}, 422, ["patients[0].age_years"]),
+        ({"patients": [BASE, 7, BASE | {"x": 1}]}, 422, ["patients[1]"]),
+        ({"patients": []}, 422, ["patients"]),
+        ({"patients": {"a": 1}}, 422, ["patients"]),
+        ({}, 422, ["patients"]),
+        ({"patients": [BASE], "extra": 1}, 422, ["body.extra"]),
+        ({"patients": [BASE] * 501}, 413, ["patients"]),
+        ([1, 2], 422, ["body"]),
+        ({"patients": [BASE | {"patient_id": [1]}]}, 422, ["patients[0].patient_id"]),
+        ({"patients": [BASE | {"ferritin": 1e999}]}, 400, ["body"]),
+    ],
+)
+def test_bad_input_gets_4xx_listing_every_problem(server, body, status, fields):
+    st, hdrs, resp = call("POST", server.url("/v1/models/onset/predict"), body)
+    assert st == status, resp
+    assert hdrs["content-type"].startswith("application/json") and resp["error"]
+    got = [p["field"] for p in resp["problems"]]
+    assert got[: len(fields)] == fields or set(fields) <= set(got), got
+    for p in resp["problems"]:
+        assert p["message"] and p["kind"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "status"),
+    [
+        ("POST", "/v1/models/onset/predict", b'{"patients": [', 400),
+        ("POST", "/v1/models/onset/predict", b"", 400),
+        ("POST", "/v1/models/onset/predict", b"\xff\xfe", 400),
+        ("POST", "/v1/models/onset/predict", b'{"patients": [{"age_years": NaN}]}', 400),
+        ("POST", "/v1/models/onset/predict", b"[" * 400_000, 413),
+        ("POST", "/v1/models/nope/predict", b"{}", 404),
+        ("GET", "/v1/models/onset/predict", None, 405),
+        ("GET", "/nowhere", None, 404),
+        ("POST", "/invocations", b'{"instances": [[1, 2]]}', 422),
+        ("POST", "/v2/models/onset/infer", b'{"inputs": "x"}', 400),
+        (
+            "POST",
+            "/v2/models/onset/infer",
+            b'{"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}',
+            400,
+        ),
+        ("GET", "/v2/models/onset/versions/zzz", None, 404),
+    ],
+)
+def test_malformed_requests_are_json_4xx(server, method, path, raw, status):
+    st, hdrs, body = call(method, server.url(path), raw=raw)
+    assert st == status, body
+    assert hdrs["content-type"].startswith("application/json") and "error" in body
+
+
+def test_audit_log_has_hashes_and_outputs_but_no_inputs(server):
+    secret = {
+        "patient_id": "MRN-0042-SECRET",
+        "age_years": 47.25,
+        "sex": "F",
+        "trigger": "aosd",
+        "ferritin": 98765.4321,
+        "crp": 123.456,
+    }
+    st, hdrs, body = predict(server, [secret])
+    assert st == 200
+    lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
+    rec = next(r for r in lines if r["request_id"] == hdrs["x-request-id"])
+    assert rec["sha256"] == body["model"]["sha256"] and rec["outputs"]["risk"] == [
+        body["predictions"][0]["risk"]
+    ]
+    assert len(rec["input_sha256"]) == 1 and rec["version"] and rec["time"]
+    text = server.audit.read_text() + server.stderr()
+    for raw in ("MRN-0042-SECRET", "98765.4", "123.456", "47.25", "aosd"):
+        assert raw not in text
+
+
+def test_metrics_count_requests_missingness_and_predictions(server):
+    predict(server, [BASE])
+    predict(server, [BASE | {"ferritin": -1}])
+    st, _, text = call("GET", server.url("/metrics"))
+    assert st == 200
+    assert 'masml_requests_total{endpoint="predict",model="onset",status="200"}' in text
+    assert 'masml_requests_total{endpoint="predict",model="onset",status="422"}' in text
+    assert 'masml_errors_total{kind="out_of_range"}' in text
+    assert 'masml_input_missing_total{model="onset",input="ferritin"}' in text
+    assert 'masml_prediction_bucket{model="onset",output="risk",le="0.5"}' in text
+    assert 'masml_request_duration_seconds_count{endpoint="predict",model="onset"}' in text
+
+
+def test_openapi_documents_every_schema(server):
+    st, _, spec = call("GET", server.url("/openapi.json"))
+    assert st == 200 and spec["openapi"].startswith("3.")
+    schemas = spec["components"]["schemas"]
+    patient = schemas["Patient_onset"]
+    assert patient["additionalProperties"] is False and "age_years" in patient["required"]
+    assert "/v1/models/onset/predict" in spec["paths"] and "/v2/models/onset/infer" in spec["paths"]
+    refs = set()
+
+    def walk(o):
+        if isinstance(o, dict):
+            if "$ref" in o:
+                refs.add(o["$ref"].split("/")[-1])
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    walk(spec)
+    assert refs <= set(schemas) and {"Error", "Problem", "PredictResponse", "InferRequest"} <= refs
+
+
+def test_invocations_speaks_mlflow(server, frame):
+    pts = patients_from_frame(frame.head(5))
+    ref = [p["risk"] for p in predict(server, pts)[2]["predictions"]]
+    cols = sorted({k for p in pts for k in p} - {"patient_id"})
+    split = {"dataframe_split": {"columns": cols, "data": [[p.get(c) for c in cols] for p in pts]}}
+    records = {"dataframe_records": [{k: v for k, v in p.items() if k != "patient_id"} for p in pts]}
+    for body in (split, records):
+        st, _, resp = call("POST", server.url("/invocations"), body)
+        assert st == 200, resp
+        assert [r["risk"] for r in resp["predictions"]] == ref
+    st, _, resp = call("POST", server.url("/invocations"), {"dataframe_records": [{"sex": "Q"}]})
+    assert st == 422 and {p["field"] for p in resp["problems"]} >= {"dataframe_records[0].sex"}
+
+
+def test_open_inference_protocol_with_tritonclient(server, bundle, frame):
+    import tritonclient.http as th
+
+    manifest = json.loads((bundle[1] / "onset" / "manifest.json").read_text())
+    x = encode_inputs(frame.head(20), [i["name"] for i in manifest["inputs"]])
+    client = th.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("onset")
+    meta = client.get_model_metadata("onset")
+    assert meta["inputs"][0] == {"name": "inputs", "datatype": "FP32", "shape": [-1, x.shape[1]]}
+    expected = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes()).run(["risk"], {"inputs": x})[0]
+    lows = np.array([i["low"] or 0 for i in manifest["inputs"]], dtype=np.float32)
+    complete = np.where(np.isnan(x), lows, x)  # JSON numbers cannot be NaN: fill with valid values
+    for binary in (True, False):  # NaN (missing) travels in the binary tensor extension
+        inp = th.InferInput("inputs", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x if binary else complete, binary_data=binary)
+        outs = [th.InferRequestedOutput("risk", binary_data=binary)]
+        res = client.infer("onset", [inp], request_id=f"req-{binary}", outputs=outs)
+        assert res.get_response()["id"] == f"req-{binary}"
+        if binary:
+            assert np.array_equal(res.as_numpy("risk"), expected.reshape(-1))
+    res = client.infer("onset", [inp])  # no outputs named: every output, binary
+    assert res.as_numpy("risk").shape == (20,)
+    bad = th.InferInput("inputs", [1, x.shape[1]], "FP32")
+    bad.set_data_from_numpy(np.full((1, x.shape[1]), 1e9, dtype=np.float32))
+    with pytest.raises(Exception, match="not valid for"):
+        client.infer("onset", [bad])
+    nulls = {
+        "id": "n",
+        "inputs": [
+            {
+                "name": "inputs",
+                "datatype": "FP32",
+                "shape": [1, x.shape[1]],
+                "data": [None if np.isnan(v) else float(v) for v in x[0]],
+            }
+        ],
+    }
+    st, _, resp = call("POST", server.url("/v2/models/onset/infer"), nulls)
+    assert st == 200 and resp["id"] == "n" and np.float32(resp["outputs"][0]["data"][0]) == expected[0]
+
+
+def test_auth_keys_hashed_health_open(keyed):
+    url = keyed.url
+    assert call("GET", url("/healthz"))[0] == 200 and call("GET", url("/v2/health/ready"))[0] == 200
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": USER}):
+        st, hdrs, body = call("GET", url("/v1/models"), headers=headers)
+        assert st == 401 and hdrs.get("www-authenticate") == "Bearer" and body["problems"]
+    user, admin = {"Authorization": f"Bearer {USER}"}, {"Authorization": f"Bearer {ADMIN}"}
+    assert call("GET", url("/v1/models"), headers=user)[0] == 200
+    assert predict(keyed, [BASE], headers=user)[0] == 200
+    assert call("POST", url("/admin/reload"), headers=user)[0] == 403
+    st, _, body = call("POST", url("/admin/reload"), headers=admin)
+    assert st == 200 and body["models"][0]["task"] == "onset"
+    assert call("GET", url("/metrics"))[0] == 401 and call("GET", url("/metrics"), headers=admin)[0] == 200
+    assert "authentication is OFF" not in keyed.stderr()
+
+
+def test_no_keys_refused_off_loopback_and_warned_on_it(bundle, server):
+    r = subprocess.run(
+        [sys.executable, "-m", "serve", "--models", str(bundle[1]), "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(MASML_ROOT),
+        env={k: v for k, v in os.environ.items() if not k.startswith("MASML_SERVE")},
+    )
+    assert r.returncode == 2 and "without API keys" in r.stderr
+    assert "authentication is OFF" in server.stderr()
+
+
+MASML_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_guardrails_from_the_manifest(bundle, tmp_path):
+    rules = [
+        {
+            "id": "infection",
+            "message": "treat the infection first",
+            "source": "ref",
+            "any": [{"field": "trigger", "op": "in", "value": ["parasitic_leishmania", "fungal"]}],
+        },
+        {
+            "id": "very_high_ferritin",
+            "message": "ferritin above 10000",
+            "requires": ["ferritin"],
+            "any": [{"field": "ferritin", "op": ">=", "value": 10000}],
+        },
+        {
+            "id": "old_and_low_platelets",
+            "message": "both",
+            "all": [
+                {"field": "age_years", "op": ">", "value": 60},
+                {"field": "platelets", "op": "<", "value": 100},
+            ],
+        },
+        {"id": "risky", "message": "model risk over 0", "any": [{"field": "risk", "op": ">=", "value": 0}]},
+    ]
+    models = tmp_path / "models"
+    copy_bundle(bundle[1] / "onset", models / "onset", guardrails=rules)
+    copy_bundle(
+        bundle[1] / "onset",
+        models / "bad",
+        task="bad",
+        guardrails=[{"id": "x", "message": "m", "any": [{"field": "nope", "op": "<", "value": 1}]}],
+    )
+    s = Server(models)
+    try:
+        pts = [
+            BASE | {"trigger": "fungal", "ferritin": 20000},
+            BASE | {"age_years": 70, "platelets": 50},
+            BASE | {"platelets": 50},
+        ]
+        st, _, body = predict(s, pts)
+        assert st == 200, body
+        status = [{g["id"]: g["status"] for g in p["guardrails"]} for p in body["predictions"]]
+        assert status[0] == {
+            "infection": "fired",
+            "very_high_ferritin": "fired",
+            "old_and_low_platelets": "clear",
+            "risky": "fired",
+        }
+        assert status[1] == {
+            "infection": "clear",
+            "very_high_ferritin": "unknown",
+            "old_and_low_platelets": "fired",
+            "risky": "fired",
+        }
+        assert status[2]["old_and_low_platelets"] == "clear"  # age missing-free but 30: all-rule needs both
+        refused = call("GET", s.url("/v1/models"))[2]["refused"]
+        assert len(refused) == 1 and "unknown field 'nope'" in refused[0]["reason"]
+        assert (
+            'masml_guardrail_total{model="onset",rule="infection",status="fired"} 1'
+            in call("GET", s.url("/metrics"))[2]
+        )
+    finally:
+        s.stop()
+
+
+def test_masml_serve_command_starts_the_service(bundle):
+    from test_serve_support import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [MASML, "serve", "--models", str(bundle[1]), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        import time
+
+        for _ in range(200):
+            try:
+                if call("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        st, _, body = call("POST", f"http://127.0.0.1:{port}/v1/models/onset/predict", {"patients": [BASE]})
+        assert st == 200 and 0 <= body["predictions"][0]["risk"] <= 1
+    finally:
+        proc.terminate()
+        proc.wait(10)

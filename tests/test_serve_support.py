@@ -1,0 +1,174 @@
+"""Helpers shared by the serving tests: a tiny trained bundle, a real server process, an HTTP client.
+
+No tests here. Why a real process: the service must work as deployed (uvicorn, loopback HTTP, signals),
+and it runs under an import blocker so that any import of masml or the training stack fails loudly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MASML = str(Path(sys.executable).with_name("masml"))
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tuning:\n  n_trials: 2\n  max_rounds: 120\nn_boot: 50\nfolds: 3\n"
+BLOCKED = ("masml", "pipelines", "xgboost", "sklearn", "shap", "mlflow")
+
+# Runs `python -m serve` with a meta-path finder that refuses the training stack.
+LAUNCHER = """
+import sys, importlib.abc
+BLOCKED = %r
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            sys.stderr.write(f"BLOCKED IMPORT: {name}\\n"); sys.stderr.flush()
+            raise ImportError(f"serve must not import {name}")
+        return None
+sys.meta_path.insert(0, Block())
+from serve.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(cohort parquet, models folder with an onset bundle), trained once per session via the CLI."""
+    root = tmp_path_factory.getbasetemp() / "serve_tiny"
+    models, data = root / "models", root / "cohort.parquet"
+    if (models / "onset" / "manifest.json").exists():
+        return data, models
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tiny.yaml").write_text(TINY)
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    for args in (
+        ["cohort", "--n", "3000", "--seed", "1", "--out", str(data)],
+        [
+            "train",
+            "onset",
+            "--data",
+            str(data),
+            "--config",
+            str(root / "tiny.yaml"),
+            "--out",
+            str(models / "onset"),
+        ],
+    ):
+        r = subprocess.run([MASML, *args], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return data, models
+
+
+def copy_bundle(src: Path, dst: Path, **manifest_changes: Any) -> Path:
+    """A copy of a bundle with manifest fields changed (sha256 covers only model.onnx, so it stays valid)."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    m = json.loads((dst / "manifest.json").read_text())
+    m.update(manifest_changes)
+    (dst / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `python -m serve` process on a free loopback port, started with the import blocker."""
+
+    def __init__(self, models: Path, *args: str, env: dict[str, str] | None = None, log: Path | None = None):
+        self.port = free_port()
+        self.log = log
+        cmd = [
+            sys.executable,
+            "-c",
+            LAUNCHER % (BLOCKED,),
+            "--models",
+            str(models),
+            "--port",
+            str(self.port),
+            *args,
+        ]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("MASML_SERVE_")}
+        full_env |= {"PYTHONPATH": str(REPO)} | (env or {})
+        self.stderr_path = (log or Path(models)).parent / f"server-{self.port}.stderr"
+        self._err = open(self.stderr_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._err, stderr=self._err, env=full_env, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.stderr()}")
+            try:
+                if call("GET", self.url("/healthz"))[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.stderr()}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stderr(self) -> str:
+        self._err.flush()
+        return self.stderr_path.read_text()
+
+    def hup(self) -> None:
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._err.close()
+
+
+def call(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, parsed JSON or text) over one fresh connection."""
+    host, _, rest = url.removeprefix("http://").partition("/")
+    conn = http.client.HTTPConnection(host, timeout=timeout)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    h = {"Content-Type": "application/json"} | (headers or {})
+    try:
+        conn.request(method, "/" + rest, body=data, headers=h)
+        resp = conn.getresponse()
+        payload = resp.read()
+    finally:
+        conn.close()
+    hdrs = {k.lower(): v for k, v in resp.getheaders()}
+    if hdrs.get("content-type", "").startswith("application/json"):
+        return resp.status, hdrs, json.loads(payload)
+    return resp.status, hdrs, payload.decode(errors="replace")
+
+
+def patients_from_frame(frame) -> list[dict]:
+    """Cohort rows as the JSON a bedside app would send: missing values left out, numbers as numbers."""
+    import math
+
+    from masml.schema import INPUT_NAMES
+
+    out = []
+    for rec in frame[["patient_id", *INPUT_NAMES]].to_dict("records"):
+        p = {}
+        for k, v in rec.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            p[k] = v if isinstance(v, str) else float(v)
+        out.append(p)
+    return out
