@@ -113,13 +113,24 @@ def test_run_is_tracked_and_the_model_registered_as_champion(onset_run, workspac
     assert "test.auroc.estimate" in run.data.metrics
     assert run.data.params["config.task"] == "onset"
     artifacts = {a.path for a in client.list_artifacts(onset_run.run_id)}
-    assert {"bundle", "evaluation", "shap", "model"} <= artifacts or {
-        "bundle",
-        "evaluation",
-        "shap",
-    } <= artifacts
+    assert {"bundle", "evaluation", "shap", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(onset_run.run_id, "plots")}
+    assert {"plots/roc.png", "plots/calibration.png", "plots/decision_curve.png"} <= plots
+    # the training data is logged as an MLflow dataset, with the bundle's fingerprint source
+    source = onset_run.manifest["training_data"]["source"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [source]
     champion = client.get_model_version_by_alias("masml-onset", "champion")
     assert str(champion.version) == onset_run.registered_version
+    # the registered ONNX model carries a signature (inputs [-1, K] float32; risk, margin) and an example
+    import mlflow
+
+    os.environ["MLFLOW_TRACKING_URI"] = workspace["uri"]
+    try:
+        info = mlflow.models.get_model_info(f"models:/masml-onset/{champion.version}")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert info.signature is not None and info.saved_input_example_info is not None
+    assert {o.name for o in info.signature.outputs.inputs} == {"risk", "margin"}
 
 
 def test_champion_moves_only_for_a_better_model(onset_run, workspace):
