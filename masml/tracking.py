@@ -109,7 +109,13 @@ def promote_if_better(
         client.set_registered_model_alias(registered, CHAMPION, version)
         return True, f"version {version} is the first champion of {registered}"
     champion_bytes = _model_bytes(f"models:/{registered}@{CHAMPION}")
-    old_score = score_champion(champion_bytes)
+    try:
+        old_score = score_champion(champion_bytes)
+    except Exception as err:  # e.g. the champion takes other inputs: no like-for-like comparison exists
+        return False, (
+            f"champion v{current.version} kept: it cannot score this held-out data ({type(err).__name__}: "
+            f"{str(err)[:200]}), so v{version} ({new_score:.4f}) was not compared; move the alias by hand"
+        )
     if new_score > old_score:
         client.set_registered_model_alias(registered, CHAMPION, version)
         old = current.version
