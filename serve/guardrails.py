@@ -35,6 +35,7 @@ class Rule:
     any: tuple[Condition, ...]
     all: tuple[Condition, ...]
     requires: tuple[str, ...]
+    kind: str | None = None
 
 
 class Guardrails:
@@ -58,9 +59,6 @@ class Guardrails:
             if r["id"] in seen:
                 raise ValueError(f"{where}: duplicate rule id {r['id']!r}")
             seen.add(r["id"])
-            extra = set(r) - {"id", "message", "source", "any", "all", "requires"}
-            if extra:
-                raise ValueError(f"{where}: unknown keys {sorted(extra)}")
             parts = {}
             for key in ("any", "all"):
                 conds = []
@@ -91,7 +89,15 @@ class Guardrails:
                 if f not in self.input_index:
                     self.needed_outputs.add(f)
             self.rules.append(
-                Rule(r["id"], str(r["message"]), r.get("source"), parts["any"], parts["all"], requires)
+                Rule(
+                    r["id"],
+                    str(r["message"]),
+                    r.get("source"),
+                    parts["any"],
+                    parts["all"],
+                    requires,
+                    r.get("kind"),
+                )
             )
 
     def _column(self, name: str, x: np.ndarray, outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -124,7 +130,7 @@ class Guardrails:
         return hit & present
 
     def evaluate(self, x: np.ndarray, outputs: dict[str, np.ndarray]) -> list[list[dict]]:
-        """Per patient, every rule with its status: ``fired``, ``clear`` or ``unknown``."""
+        """Per patient, every rule with its status: ``fires``, ``clear`` or ``unknown`` (as masml says)."""
         n = x.shape[0]
         columns: list[tuple[Rule, np.ndarray, np.ndarray]] = []
         for rule in self.rules:
@@ -142,7 +148,10 @@ class Guardrails:
             columns.append((rule, fired, unknown))
         out: list[list[dict]] = [[] for _ in range(n)]
         for rule, fired, unknown in columns:
-            status = np.where(unknown, "unknown", np.where(fired, "fired", "clear")).tolist()
+            status = np.where(unknown, "unknown", np.where(fired, "fires", "clear")).tolist()
             for i in range(n):
-                out[i].append({"id": rule.id, "status": status[i], "message": rule.message})
+                flag = {"id": rule.id, "status": status[i], "message": rule.message}
+                if rule.kind:
+                    flag["kind"] = rule.kind
+                out[i].append(flag)
         return out

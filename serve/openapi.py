@@ -107,8 +107,9 @@ def _common_schemas() -> dict:
             "type": "object",
             "properties": {
                 "id": {"type": "string"},
-                "status": {"enum": ["fired", "clear", "unknown"]},
+                "status": {"enum": ["fires", "clear", "unknown"]},
                 "message": {"type": "string"},
+                "kind": {"type": "string"},
             },
             "description": "a manifest guardrail rule's outcome",
         },

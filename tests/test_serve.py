@@ -395,22 +395,22 @@ def test_guardrails_from_the_manifest(bundle, tmp_path):
         assert st == 200, body
         status = [{g["id"]: g["status"] for g in p["guardrails"]} for p in body["predictions"]]
         assert status[0] == {
-            "infection": "fired",
-            "very_high_ferritin": "fired",
+            "infection": "fires",
+            "very_high_ferritin": "fires",
             "old_and_low_platelets": "clear",
-            "risky": "fired",
+            "risky": "fires",
         }
         assert status[1] == {
             "infection": "clear",
             "very_high_ferritin": "unknown",
-            "old_and_low_platelets": "fired",
-            "risky": "fired",
+            "old_and_low_platelets": "fires",
+            "risky": "fires",
         }
         assert status[2]["old_and_low_platelets"] == "clear"  # age missing-free but 30: all-rule needs both
         refused = call("GET", s.url("/v1/models"))[2]["refused"]
         assert len(refused) == 1 and "unknown field 'nope'" in refused[0]["reason"]
         assert (
-            'masml_guardrail_total{model="onset",rule="infection",status="fired"} 1'
+            'masml_guardrail_total{model="onset",rule="infection",status="fires"} 1'
             in call("GET", s.url("/metrics"))[2]
         )
     finally:
@@ -440,3 +440,32 @@ def test_masml_serve_command_starts_the_service(bundle):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_guardrails_agree_with_masml_reference_evaluator(bundle, frame, tmp_path):
+    """The benefit bundle's own rules (masml.guardrails, issue 4) give the same statuses in the service."""
+    ref = pytest.importorskip("masml.guardrails")
+    rules = [r for r in ref.benefit_guardrails((0.1, 0.9)) if "propensity" not in json.dumps(r)]
+    rules.append(
+        {
+            "id": "risk_high",
+            "message": "m",
+            "requires": ["ferritin"],
+            "all": [
+                {"field": "risk", "op": ">", "value": 0.5},
+                {"field": "ferritin", "op": ">=", "value": 500},
+            ],
+        }
+    )
+    copy_bundle(bundle[1] / "onset", tmp_path / "models" / "onset", guardrails=rules)
+    s = Server(tmp_path / "models")
+    try:
+        st, _, body = predict(s, patients_from_frame(frame))
+        assert st == 200, body
+    finally:
+        s.stop()
+    risk = np.array([p["risk"] for p in body["predictions"]])
+    expected = ref.evaluate(rules, frame, {"risk": risk})
+    got = [{g["id"]: g["status"] for g in p["guardrails"]} for p in body["predictions"]]
+    assert got == expected.to_dict("records")
+    assert {v for row in got for v in row.values()} >= {"fires", "clear"}

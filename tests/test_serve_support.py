@@ -68,7 +68,8 @@ def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
 
 def copy_bundle(src: Path, dst: Path, **manifest_changes: Any) -> Path:
     """A copy of a bundle with manifest fields changed (sha256 covers only model.onnx, so it stays valid)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+    if Path(src).resolve() != Path(dst).resolve():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
     m = json.loads((dst / "manifest.json").read_text())
     m.update(manifest_changes)
     (dst / "manifest.json").write_text(json.dumps(m, indent=2))
