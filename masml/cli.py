@@ -97,11 +97,14 @@ def validate(
 class Task(StrEnum):
     onset = "onset"
     icu = "icu"
+    il1_benefit = "il1_benefit"
 
 
 @app.command()
 def train(
-    task: Task = typer.Argument(..., help="Which model: onset (MAS onset) or icu (ICU need)."),
+    task: Task = typer.Argument(
+        ..., help="Which model: onset (MAS onset), icu (ICU need) or il1_benefit (IL-1 blockade benefit)."
+    ),
     data: Path = typer.Option(..., "--data", help="Training data in masml's schema (.csv or .parquet)."),
     units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
     config: Path | None = typer.Option(None, "--config", help="YAML settings (default: configs/TASK.yaml)."),
@@ -109,7 +112,7 @@ def train(
 ) -> None:
     """Train, evaluate, explain and export one model; track the run in MLflow."""
     result = _train(task.value, data, out_dir, units=units, config_path=config)
-    _print_comparison(task.value, result.comparison)
+    _print_result(task.value, result)
     out.print(f"bundle: {result.bundle_dir}")
 
 
@@ -145,10 +148,10 @@ def main(
     """The main job: generate the default cohort, train every model on it, export bundles, compare."""
     data_path = data_dir / "cohort.parquet"
     cohort(n=n, seed=seed, out_path=data_path)
-    for task in ("onset", "icu"):
+    for task in ("onset", "icu", "il1_benefit"):
         config = config_dir / f"{task}.yaml" if config_dir else None
         result = _train(task, data_path, models_dir / task, config_path=config)
-        _print_comparison(task, result.comparison)
+        _print_result(task, result)
         out.print(f"{task} bundle: {result.bundle_dir}")
 
 
@@ -158,17 +161,61 @@ def _train(task: str, data: Path, out_dir: Path, **options):
     from masml.training import TrainingDataError
     from masml.units import UnitError
     from masml.validation import SchemaValidationError
+    from pipelines.il1_benefit import run_il1_benefit_pipeline
     from pipelines.risk import run_risk_pipeline
 
     try:
         with console.status(f"training {task}..."):
             log = lambda m: console.print(m, highlight=False)  # noqa: E731
+            if task == Task.il1_benefit:
+                return run_il1_benefit_pipeline(data, out_dir, log=log, **options)
             return run_risk_pipeline(task, data, out_dir, log=log, **options)
     except SchemaValidationError as err:
         console.print(str(err), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
     except (ConfigError, TrainingDataError, UnitError, ParityError, FileNotFoundError) as err:
         _fail(str(err))
+
+
+def _print_result(task: str, result) -> None:
+    if task == Task.il1_benefit:
+        _print_benefit(result)
+    else:
+        _print_comparison(task, result.comparison)
+
+
+def _print_benefit(result) -> None:
+    """The benefit model's held-out summary: learner choice, average effect, uplift, policy values."""
+    r = result.report
+    table = Table(title="il1_benefit: held-out summary", show_header=False)
+    ate = r["ate_aipw"]
+    rows = [
+        ("learner (chosen by out-of-fold DR loss)", r["selection"]["chosen"]),
+        ("AIPW average benefit [95% CI]", _ci(ate)),
+        ("outside overlap (held-out)", f"{r['overlap']['test']['n_outside']} of {r['overlap']['test']['n']}"),
+        ("calibration slope (BLP)", _cell(r["calibration_slope"])),
+        ("AUTOC [95% CI]", _ci(r["uplift"]["autoc"])),
+        ("Qini coefficient [95% CI]", _ci(r["uplift"]["qini"])),
+        ("ONNX parity max |Δ|", f"{result.parity['max_abs_diff']:.1e}"),
+    ]
+    truth = r.get("truth")
+    if truth:
+        d = truth["deaths_per_100"]
+        rows += [
+            ("PEHE / PEHE of the average effect",
+             f"{truth['pehe']:.4f} / {truth['pehe_constant_true_mean']:.4f} = {truth['pehe_ratio']:.2f}"),
+            ("correlation with true benefit", _cell(truth["correlation"])),
+            ("deaths/100: model policy (benefit > 0)", f"{d['model']:.2f}"),
+            ("deaths/100: treat all / treat none", f"{d['treat_all']:.2f} / {d['treat_none']:.2f}"),
+            ("deaths/100: true-benefit policy", f"{d['true_benefit']:.2f}"),
+        ]  # fmt: skip
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+
+
+def _ci(m: dict) -> str:
+    return f"{m['estimate']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
 
 
 def _print_comparison(task: str, comparison) -> None:

@@ -23,7 +23,7 @@ import yaml
 
 from masml.schema import INPUT_NAMES, LABEL_NAMES
 
-TASKS = ("onset", "icu")
+TASKS = ("onset", "icu", "il1_benefit")
 POPULATIONS = ("all", "mas_only")
 CALIBRATIONS = ("isotonic", "platt")
 
@@ -94,6 +94,10 @@ class Config:
     n_boot: int = 1000
     owner: str = ""
     contact: str = ""
+    # Benefit model only (il1_benefit): propensity bounds [low, high] of the overlap region. Patients
+    # outside are counted, warned about, trimmed from the trimmed ATE and flagged by a guardrail
+    # (Crump et al., Biometrika 2009;96:187-199: the rule of thumb keeps 0.1 <= e(x) <= 0.9).
+    overlap: list[float] = field(default_factory=lambda: [0.1, 0.9])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +129,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "owner": "masml maintainers",
         "contact": "",
         "tuning": {"n_trials": 30},
+    },
+    # IL-1 blockade benefit (issue 4): the label is the outcome (death within 28 days); the treatment
+    # column is fixed (treatment_il1). Three nuisance models are tuned (untreated and treated outcome,
+    # propensity), so each gets a smaller trial budget than a risk model.
+    "il1_benefit": {
+        "task": "il1_benefit",
+        "label": "death_28d",
+        "population": "mas_only",
+        "thresholds": [0.05],
+        "mlflow_experiment": "masml-il1-benefit",
+        "registered_model": "masml-il1-benefit",
+        "owner": "masml maintainers",
+        "contact": "",
+        "tuning": {"n_trials": 6, "max_rounds": 600},
     },
 }
 
@@ -250,6 +268,13 @@ def _check_score_features(v: Any) -> list[str]:
     return list(v)
 
 
+def _check_overlap(v: Any) -> list[float]:
+    bounds = [_want_prob(f"overlap[{i}]", b) for i, b in enumerate(_want_list("overlap", v))]
+    if len(bounds) != 2 or bounds[0] >= bounds[1]:
+        raise ConfigError(f"config key 'overlap': value {v!r} must be [low, high] with 0 < low < high < 1")
+    return bounds
+
+
 def config_from_dict(raw: dict, task: str | None = None) -> Config:
     """Validate a mapping of overrides and merge it onto the task's defaults."""
     if not isinstance(raw, dict):
@@ -301,6 +326,8 @@ def config_from_dict(raw: dict, task: str | None = None) -> Config:
             out[key] = _want_int(key, v, low=1)
         elif key == "thresholds":
             out[key] = [_want_prob(f"thresholds[{i}]", t) for i, t in enumerate(_want_list(key, v))]
+        elif key == "overlap":
+            out[key] = _check_overlap(v)
     config = Config(**out)
     _check_scores_have_inputs(config)
     return config

@@ -466,15 +466,7 @@ def risk_model_to_onnx(
         f"masml risk model: {len(spec)} derived features, {len(forest.trees)} trees "
         f"({forest.n_rounds} rounds, {forest.objective}), {calibrator.kind} calibration."
     )
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)]
-    model = helper.make_model(
-        graph,
-        opset_imports=opsets,
-        producer_name=PRODUCER_NAME,
-        producer_version=PRODUCER_VERSION,
-        ir_version=helper.find_min_ir_version_for(opsets),
-    )
-    model.model_version = 1
+    model = make_model(graph, PRODUCER_VERSION)
     model.doc_string = (
         "Inputs (matrix columns, in order): "
         + ", ".join(input_names)
@@ -494,6 +486,20 @@ def risk_model_to_onnx(
             "masml.base_margin": repr(forest.base_margin),
         },
     )
+    return model
+
+
+def make_model(graph: onnx.GraphProto, producer_version: str) -> onnx.ModelProto:
+    """A model around ``graph`` with masml's opsets and producer (no timestamps: deterministic bytes)."""
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)]
+    model = helper.make_model(
+        graph,
+        opset_imports=opsets,
+        producer_name=PRODUCER_NAME,
+        producer_version=producer_version,
+        ir_version=helper.find_min_ir_version_for(opsets),
+    )
+    model.model_version = 1
     return model
 
 

@@ -34,4 +34,10 @@ def predict_frame(bundle_dir: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"patient_id": frame["patient_id"].to_numpy()})
     for name, v in zip(wanted, values, strict=True):
         out[name] = np.asarray(v, dtype=np.float64).reshape(len(frame))
+    if manifest.get("guardrails"):  # the benefit model: its cautions travel with every prediction
+        from masml.guardrails import evaluate, summary_column
+
+        outputs = {name: out[name].to_numpy() for name in wanted}
+        status = evaluate(manifest["guardrails"], frame.reset_index(drop=True), outputs)
+        out["guardrails"] = summary_column(status).to_numpy()
     return out

@@ -1,0 +1,335 @@
+"""The IL-1 blockade (anakinra) benefit pipeline (issue 4): load, estimate, diagnose, export, track.
+
+Each step is a library call (``masml.causal`` for the estimation and diagnostics, ``masml.onnx_benefit``
+for the graph, ``masml.guardrails`` for the cautions); this file decides their order and what is kept.
+It follows the risk pipeline's shape (pipelines/risk.py) and reuses its loading, population, split,
+tuning, bundle and tracking steps. When the data is a simulated cohort with its ground truth beside it
+(``NAME.truth.EXT``), the held-out benefit is also scored against the true benefit (PEHE, policy value).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from masml import causal, causal_plots, guardrails, tracking
+from masml.bundle import data_fingerprint, write_bundle
+from masml.cohort import truth_path_for
+from masml.config import Config, ConfigError, load_config
+from masml.encoding import encode_inputs, input_spec
+from masml.features import feature_names
+from masml.io import load_dataset, read_table
+from masml.onnx_benefit import OUTPUTS, benefit_model_to_onnx, benefit_parity_gate
+from masml.predict import onnx_session
+from masml.training import TrainingDataError, select_population, split_holdout
+
+TASK = "il1_benefit"
+TRUTH_COLUMNS = ("true_benefit", "true_p_death_untreated", "true_p_death_treated", "true_propensity_il1")
+ESTIMAND = (
+    "benefit = P(death within 28 days without IL-1 blockade) - P(death within 28 days with IL-1 blockade "
+    "started within 48 h), per patient; > 0 favours treatment"
+)
+ASSUMPTIONS = [
+    "Assumption: no unmeasured confounding - treatment was chosen by indication through the model's inputs "
+    "only; an unrecorded reason to treat or not biases every estimate",
+    "Assumption: overlap - patients flagged 'outside_overlap' had few comparable patients in the other arm",
+    "Assumption: consistency and no interference - one patient's treatment does not change another's outcome",
+]
+
+
+@dataclass
+class BenefitRunResult:
+    bundle_dir: Path
+    manifest: dict
+    report: dict
+    parity: dict
+    selection: pd.DataFrame
+    run_id: str = ""
+    registered_version: str = ""
+    champion_message: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _truth_for(data_path: Path, frame: pd.DataFrame) -> pd.DataFrame | None:
+    path = truth_path_for(data_path)
+    if not path.exists():
+        return None
+    truth = read_table(path)
+    if not set(TRUTH_COLUMNS) <= set(truth.columns):
+        return None
+    truth = truth.set_index(truth["patient_id"].astype(str))[list(TRUTH_COLUMNS)].apply(pd.to_numeric)
+    out = truth.reindex(frame["patient_id"].astype(str)).reset_index(drop=True)
+    return None if out.isna().any().any() else out
+
+
+def run_il1_benefit_pipeline(
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    units: str | Path | None = None,
+    config_path: str | Path | None = None,
+    config: Config | None = None,
+    log: Callable[[str], None] = print,
+    track: bool = True,
+) -> BenefitRunResult:
+    """Estimate individual benefit of IL-1 blockade, diagnose it, export the bundle, track the run."""
+    started = time.perf_counter()
+    data_path, out_dir = Path(data_path), Path(out_dir)
+    config = config or load_config(config_path, TASK)
+    if config.task != TASK:
+        raise ConfigError(f"config key 'task': the benefit pipeline needs task {TASK!r}, got {config.task!r}")
+    frame = load_dataset(data_path, units, require_labels=(config.label, causal.TREATMENT))
+    pop, population = select_population(frame, config)
+    t_all = causal.treatment_values(pop)
+    known = ~np.isnan(t_all)
+    skipped_treatment = int((~known).sum())
+    pop, t = pop.loc[known].reset_index(drop=True), t_all[known]
+    y = pop[config.label].to_numpy(dtype=float)
+    arms = causal.check_arms(t, y, config.folds)
+    log(
+        f"{TASK}: {len(pop):,} MAS patients used ({int(t.sum()):,} treated, {int(y.sum()):,} deaths); "
+        f"skipped {population.skipped_outside_population:,} outside the population, "
+        f"{population.skipped_label_missing:,} with no {config.label} and {skipped_treatment:,} with no "
+        f"{causal.TREATMENT}"
+    )
+    groups = pop["patient_id"].astype(str).to_numpy()
+    # Stratified by arm: both sides keep the treated share (the learners need both arms on each side).
+    train_idx, test_idx = split_holdout(t, groups, config.test_size, config.seed)
+    x = encode_inputs(pop, config.inputs)
+    xt, yt, tt, gt = x[train_idx], y[train_idx], t[train_idx], groups[train_idx]
+
+    # ---- nuisances (tuned, calibrated, cross-fitted), pseudo-outcomes, learner choice, final stage
+    nuis, cross = causal.fit_nuisances(xt, yt, tt, gt, config.inputs, config, log=log)
+    phi_train = causal.pseudo_outcome(yt, tt, cross["r0"], cross["r1"], cross["e"], config.overlap)
+    selection = causal.select_learner(xt, yt, tt, gt, cross, phi_train, config.inputs, config)
+    log(f"{TASK}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})")
+    for _, row in selection.losses.iterrows():
+        log(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")
+    model = causal.fit_final(
+        selection.chosen,
+        nuis,
+        xt,
+        yt,
+        tt,
+        cross,
+        phi_train,
+        config.inputs,
+        selection.ridge_lambda,
+        config.seed,
+    )
+
+    # ---- held-out diagnostics (nuisances never saw these patients)
+    x_test, y_test, t_test = x[test_idx], y[test_idx], t[test_idx]
+    test = pop.iloc[test_idx].reset_index(drop=True)
+    pred = model.predict(x_test)
+    tau, r0, r1, e = (pred[k] for k in ("benefit", "risk_untreated", "risk_treated", "propensity"))
+    phi = causal.pseudo_outcome(y_test, t_test, r0, r1, e, config.overlap)
+    low, high = config.overlap
+    inside = (e >= low) & (e <= high)
+    overlap_test = causal.overlap_report(e, t_test, config.overlap)
+    overlap_train = causal.overlap_report(cross["e"], tt, config.overlap)
+    for where, rep in (("training", overlap_train), ("held-out", overlap_test)):
+        log(f"{TASK}: {where}: {rep['n_outside']} of {rep['n']} patients outside overlap {rep['bounds']}")
+        if rep["warning"]:
+            log(f"{TASK}: WARNING ({where}): {rep['warning']}")
+    f_train = model.nuisances.untreated.features(xt)
+    balance = causal.balance_table(f_train, feature_names(model.spec), tt, cross["e"], config.overlap)
+    report = {
+        "ate_aipw": causal.aipw(phi),
+        "ate_aipw_trimmed": causal.aipw(phi[inside]),
+        "ate_aipw_training_crossfit": causal.aipw(phi_train),
+        "overlap": {"training": overlap_train, "test": overlap_test},
+        "balance": {
+            "max_abs_smd_before": float(np.nanmax(np.abs(balance["smd_before"]))),
+            "max_abs_smd_after": float(np.nanmax(np.abs(balance["smd_after"]))),
+            "features_above_0_1_after": int(np.sum(np.abs(balance["smd_after"]) > 0.1)),
+        },
+        "calibration_slope": causal.calibration_slope(tau, phi),
+        "calibration_groups": causal.calibration_by_group(tau, phi).to_dict(orient="records"),
+        "uplift": causal.uplift_metrics(tau, phi, n_boot=config.n_boot, seed=config.seed),
+        "policy_dr_deaths_per_100": causal.policy_value_dr(tau, y_test, t_test, r0, r1, e, config.overlap),
+        "selection": {
+            "chosen": selection.chosen,
+            "criterion": (
+                "out-of-fold DR pseudo-outcome loss on the training patients (no ground truth), with the "
+                "one-standard-error rule: the simplest learner within one SE of the lowest loss"
+            ),
+            "lowest_loss": selection.best,
+            "ridge_lambda": selection.ridge_lambda,
+            "losses": selection.losses.to_dict(orient="records"),
+        },
+        "arms": arms,
+    }
+    ate = report["ate_aipw"]
+    log(f"{TASK}: AIPW average benefit {ate['estimate']:+.4f} [{ate['ci_low']:+.4f}, {ate['ci_high']:+.4f}]")
+    truth = _truth_for(data_path, pop)
+    if truth is not None:
+        report["truth"] = causal.truth_metrics(tau, truth.iloc[test_idx], float(phi_train.mean()))
+        tr = report["truth"]
+        d = tr["deaths_per_100"]
+        log(
+            f"{TASK}: vs ground truth: PEHE {tr['pehe']:.4f} = {tr['pehe_ratio']:.2f} x constant; deaths/100 "
+            f"model {d['model']:.2f}, treat-all {d['treat_all']:.2f}, treat-none {d['treat_none']:.2f}, "
+            f"true-benefit policy {d['true_benefit']:.2f}"
+        )
+
+    # ---- export: one graph, checked against the Python path; guardrails as data
+    onnx_model = benefit_model_to_onnx(model)
+    parity = benefit_parity_gate(onnx_model, model, x_test, seed=config.seed)
+    log(f"{TASK}: ONNX parity max |Δ| = {parity['max_abs_diff']:.2e} over {parity['n_rows']:,} rows")
+    rules = guardrails.benefit_guardrails(config.overlap)
+    status = guardrails.evaluate(rules, test, pred)
+    fired = {rule: int((status[rule] == guardrails.FIRES).sum()) for rule in status.columns}
+    manifest = {
+        "task": TASK,
+        "model_name": config.registered_model,
+        "label": {"name": config.label, "definition": "death within 28 days", "horizon": "28 days"},
+        "treatment": {"name": causal.TREATMENT, "definition": "IL-1 blockade (anakinra) within 48 h"},
+        "estimand": ESTIMAND,
+        "assumptions": ASSUMPTIONS,
+        "population": {
+            "rule": config.population,
+            "description": f"MAS patients (mas_onset = 1) with {causal.TREATMENT} and {config.label} known",
+        },
+        "inputs": input_spec(config.inputs),
+        "outputs": [
+            {"name": "benefit", "meaning": "risk_untreated - risk_treated from the chosen learner (-1..1)"},
+            {"name": "risk_untreated", "meaning": "calibrated P(death within 28 days) without IL-1 blockade"},
+            {"name": "risk_treated", "meaning": "calibrated P(death within 28 days) with IL-1 blockade"},
+            {"name": "propensity", "meaning": "P(IL-1 blockade | inputs) in the training data"},
+        ],
+        "thresholds": list(config.thresholds),
+        "guardrails": rules,
+        "method": {
+            "learner": selection.chosen,
+            "candidates": list(causal.LEARNERS),
+            "selection": report["selection"]["criterion"],
+            "overlap_bounds": list(config.overlap),
+            "design": (
+                "risk_untreated / risk_treated: tuned, calibrated xgboost outcome models per arm (T-learner "
+                "pair); benefit: the learner chosen without ground truth (dr_ridge = DR-learner with a ridge "
+                "final stage on trigger and septic MAS features x untreated risk)"
+            ),
+        },
+        "metrics": {
+            "test_rows": int(len(test_idx)),
+            "ate_aipw": report["ate_aipw"],
+            "ate_aipw_trimmed": report["ate_aipw_trimmed"],
+            "calibration_slope": report["calibration_slope"],
+            "autoc": report["uplift"]["autoc"],
+            "qini": report["uplift"]["qini"],
+            "policy_dr_deaths_per_100": report["policy_dr_deaths_per_100"],
+            "patients_outside_overlap": overlap_test["n_outside"],
+            "guardrails_fired_test": fired,
+            **({"truth": report["truth"]} if truth is not None else {}),
+        },
+        "training_data": {
+            "source": str(data_path.name),
+            "fingerprint": data_fingerprint(frame),
+            "rows": int(len(frame)),
+            "rows_used": int(len(pop)),
+            "train_rows": int(len(train_idx)),
+            "test_rows": int(len(test_idx)),
+            "synthetic": truth is not None,
+        },
+        "owner": config.owner,
+        "contact": config.contact,
+    }
+    model_bytes = onnx_model.SerializeToString()
+    bundle_dir = write_bundle(out_dir, model_bytes, json.loads(json.dumps(manifest, default=_jsonable)))
+    written = json.loads((bundle_dir / "manifest.json").read_text())
+    result = BenefitRunResult(bundle_dir, written, report, parity, selection.losses)
+    result.extra = {
+        "model": model,
+        "balance": balance,
+        "test": test,
+        "x_test": x_test,
+        "phi_test": phi,
+        "prediction": pred,
+        "guardrail_status": status,
+        "population": population,
+        "skipped_treatment_missing": skipped_treatment,
+        "seconds": time.perf_counter() - started,
+    }
+    if track:
+        _track(result, config, frame, model_bytes, e, t_test, tau, phi, test, balance, cross, tt, log)
+    result.extra["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _jsonable(v):
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return None if not np.isfinite(v) else float(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def _graph_benefit(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    session = onnx_session(model_bytes)
+    return np.asarray(session.run(["benefit"], {session.get_inputs()[0].name: x})[0], dtype=float).ravel()
+
+
+def _track(result, config, frame, model_bytes, e, t_test, tau, phi, test, balance, cross, tt, log) -> None:
+    import mlflow
+
+    from pipelines.risk import _flat
+
+    with tracking.run(config.mlflow_experiment, f"{TASK}-seed{config.seed}") as active:
+        result.run_id = active.info.run_id
+        mlflow.log_params({f"config.{k}": v for k, v in _flat(config.to_dict()).items()})
+        mlflow.log_param("learner", result.report["selection"]["chosen"])
+        for name in ("untreated", "treated", "propensity"):
+            m = getattr(result.extra["model"].nuisances, name)
+            mlflow.log_params({f"{name}.{k}": v for k, v in m.best_params.items()})
+        tracking.log_dataset(frame, result.manifest["training_data"]["source"], config.label, "training")
+        metrics = {k: v for k, v in result.manifest["metrics"].items() if k != "guardrails_fired_test"}
+        mlflow.log_metrics(tracking.flat_metrics("test", metrics))
+        mlflow.log_metric("parity_max_abs_diff", result.parity["max_abs_diff"])
+        for _, row in result.selection.iterrows():
+            mlflow.log_metric(f"selection.{row['learner']}.dr_loss", float(row["dr_loss"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            paths = [
+                causal_plots.overlap_plot(cross["e"], tt, config.overlap, tmp / "overlap.png"),
+                causal_plots.balance_plot(balance, tmp / "balance.png"),
+                causal_plots.benefit_by_trigger_plot(
+                    tau, test["trigger"].to_numpy(), tmp / "benefit_by_trigger.png"
+                ),
+                causal_plots.qini_plot(tau, phi, tmp / "qini.png"),
+            ]
+            for path in paths:
+                mlflow.log_artifact(str(path), "plots")
+            balance.to_csv(tmp / "balance.csv", index=False)
+            result.selection.to_csv(tmp / "selection.csv", index=False)
+            (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=_jsonable))
+            for name in ("balance.csv", "selection.csv", "report.json"):
+                mlflow.log_artifact(str(tmp / name), "evaluation")
+        mlflow.log_artifacts(str(result.bundle_dir), "bundle")
+        x_test = result.extra["x_test"]
+        example = onnx_session(model_bytes).run(list(OUTPUTS), {"inputs": x_test[:5]})
+        version = tracking.log_onnx_model(
+            model_bytes, x_test[:5], dict(zip(OUTPUTS, example, strict=True)), config.registered_model
+        )
+        result.registered_version = str(version.version)
+
+        # Champion rule without ground truth: lower held-out DR loss (higher score = -loss) wins.
+        def score(graph: bytes) -> float:
+            return -float(np.mean((phi - _graph_benefit(graph, x_test)) ** 2))
+
+        promoted, message = tracking.promote_if_better(
+            config.registered_model, result.registered_version, score(model_bytes), score
+        )
+        result.champion_message = message
+        mlflow.set_tag("champion", str(promoted))
+        log(f"{TASK}: MLflow run {result.run_id}, {config.registered_model} v{version.version}: {message}")
+
+
+__all__ = ["BenefitRunResult", "TrainingDataError", "run_il1_benefit_pipeline"]

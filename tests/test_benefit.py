@@ -1,0 +1,381 @@
+"""The IL-1 blockade benefit model (issue 4): estimation pieces, guardrails, bundle, predict, bad inputs.
+
+The pipeline runs on a 3,000-patient cohort with a tiny config (two trials per nuisance model), so the
+figures here say nothing about quality; the quality targets are measured on the default 20,000-patient
+cohort (see the README). What is checked is behaviour that could break.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from masml import causal, guardrails
+from masml.cohort import simulate, write_cohort
+from masml.config import ConfigError, config_from_dict, load_config
+from masml.encoding import encode_inputs
+from masml.io import load_dataset
+from masml.schema import TRIGGERS
+from masml.training import TrainingDataError
+from pipelines.il1_benefit import run_il1_benefit_pipeline
+
+MASML = str(Path(sys.executable).with_name("masml"))
+TINY = "tuning:\n  n_trials: 2\n  max_rounds: 120\nn_boot: 100\nfolds: 3\n"
+RULE_IDS = {"parasitic_or_fungal_trigger", "malignancy_trigger", "outside_overlap", "icu_level_severity"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("benefit")
+    data, _ = write_cohort(simulate(3_000, seed=21), tmp / "cohort.parquet")
+    config = tmp / "tiny.yaml"
+    config.write_text(TINY)
+    return {"tmp": tmp, "data": data, "config": config, "uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+
+
+@pytest.fixture(scope="module")
+def run(workspace):
+    os.environ["MLFLOW_TRACKING_URI"] = workspace["uri"]
+    try:
+        return run_il1_benefit_pipeline(
+            workspace["data"],
+            workspace["tmp"] / "bundle",
+            config_path=workspace["config"],
+            log=lambda m: None,
+        )
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimation pieces on data with a known answer
+# --------------------------------------------------------------------------------------------------
+
+
+def _known_effect(n: int = 40_000, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=n)
+    e = 0.2 + 0.6 * x  # confounded: sicker (higher x) patients are treated more
+    r0 = 0.2 + 0.5 * x
+    r1 = r0 * (1 - 0.6 * x)  # benefit grows with x
+    t = (rng.uniform(size=n) < e).astype(float)
+    y = (rng.uniform(size=n) < np.where(t == 1, r1, r0)).astype(float)
+    return x, e, r0, r1, t, y
+
+
+def test_aipw_recovers_the_true_average_effect_where_the_naive_difference_does_not():
+    x, e, r0, r1, t, y = _known_effect()
+    phi = causal.pseudo_outcome(y, t, r0, r1, e, (0.1, 0.9))
+    ate = causal.aipw(phi)
+    truth = float(np.mean(r0 - r1))
+    assert ate["ci_low"] <= truth <= ate["ci_high"]
+    naive = y[t == 0].mean() - y[t == 1].mean()
+    assert abs(naive - truth) > 3 * ate["se"]  # confounding by indication biases the naive comparison
+
+
+def test_uplift_metrics_reward_a_correct_ranking_and_not_a_reversed_one():
+    x, e, r0, r1, t, y = _known_effect(20_000)
+    phi = causal.pseudo_outcome(y, t, r0, r1, e, (0.1, 0.9))
+    good = causal.uplift_metrics(r0 - r1, phi, n_boot=50)
+    bad = causal.uplift_metrics(-(r0 - r1), phi, n_boot=50)
+    assert good["autoc"]["ci_low"] > 0 > bad["autoc"]["ci_high"]
+    assert good["qini"]["estimate"] > 0 > bad["qini"]["estimate"]
+    groups = causal.calibration_by_group(r0 - r1, phi)
+    assert list(groups["group"]) == [1, 2, 3, 4, 5]
+    assert groups["observed"].iloc[-1] > groups["observed"].iloc[0]
+    assert 0.7 < causal.calibration_slope(r0 - r1, phi) < 1.3
+
+
+def test_truth_metrics_rate_the_constant_at_one_and_the_truth_at_zero():
+    rng = np.random.default_rng(1)
+    p0 = rng.uniform(0.1, 0.6, 500)
+    p1 = p0 * rng.uniform(0.5, 1.3, 500)
+    truth = pd.DataFrame({"true_benefit": p0 - p1, "true_p_death_untreated": p0, "true_p_death_treated": p1})
+    const = causal.truth_metrics(np.full(500, (p0 - p1).mean()), truth, 0.0)
+    assert const["pehe_ratio"] == pytest.approx(1.0)
+    oracle = causal.truth_metrics(p0 - p1, truth, 0.0)
+    assert oracle["pehe"] == 0 and oracle["policy_gap_to_true_benefit"] == 0
+    d = oracle["deaths_per_100"]
+    assert d["true_benefit"] <= min(d["treat_all"], d["treat_none"])
+
+
+def test_overlap_report_counts_and_warns():
+    e = np.r_[np.full(80, 0.5), np.full(15, 0.05), np.full(5, 0.95)]
+    t = np.r_[np.zeros(50), np.ones(50)]
+    rep = causal.overlap_report(e, t, (0.1, 0.9))
+    assert (rep["n_below"], rep["n_above"], rep["n_outside"]) == (15, 5, 20)
+    assert "poor overlap" in rep["warning"] and "20 of 100" in rep["warning"]
+    assert causal.overlap_report(np.full(100, 0.5), t, (0.1, 0.9))["warning"] == ""
+
+
+def test_weighting_removes_the_imbalance_it_was_built_to_remove():
+    x, e, r0, r1, t, y = _known_effect()
+    table = causal.balance_table(x[:, None].astype(np.float32), ["x"], t, e, (0.01, 0.99))
+    assert abs(table["smd_before"].iloc[0]) > 0.3
+    assert abs(table["smd_after"].iloc[0]) < 0.05
+
+
+def test_septic_mas_flag_is_exact_at_the_ferritin_cut_off():
+    names = list(causal.MODIFIER_INPUTS)
+    sepsis = float(TRIGGERS.index("bacterial_sepsis"))
+    cut = np.float32(causal.MALS_FERRITIN)
+    rows = [
+        [sepsis, v, np.nan, np.nan, np.nan, np.nan, np.nan] for v in (cut, np.nextafter(cut, np.float32(1e9)))
+    ]
+    rows.append([float(TRIGGERS.index("sjia")), 50_000, np.nan, np.nan, np.nan, np.nan, np.nan])
+    h = causal.modifier_matrix(np.array(rows, np.float32), names)
+    assert list(h[:, -1]) == [0.0, 1.0, 0.0]  # > 4420 only, and only in bacterial sepsis
+    assert h[2, TRIGGERS.index("sjia")] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Guardrails: the rules as data, and the reference evaluator
+# --------------------------------------------------------------------------------------------------
+
+
+def test_guardrails_fire_on_every_patient_they_apply_to(workspace):
+    frame = load_dataset(workspace["data"])
+    rng = np.random.default_rng(0)
+    propensity = rng.uniform(0, 1, len(frame))
+    rules = guardrails.benefit_guardrails([0.1, 0.9])
+    status = guardrails.evaluate(rules, frame, {"propensity": propensity})
+    trig = frame["trigger"].astype(str)
+    expected = {
+        "parasitic_or_fungal_trigger": trig.isin(["parasitic_leishmania", "fungal"]).to_numpy(),
+        "malignancy_trigger": trig.isin(["lymphoma", "other_malignancy"]).to_numpy(),
+        "outside_overlap": (propensity < 0.1) | (propensity > 0.9),
+        "icu_level_severity": (
+            (frame["cns_dysfunction"] == 1)
+            | (frame["hemorrhage"] == 1)
+            | (frame["platelets"] < 20)
+            | (frame["albumin"] < 2.0)
+            | (frame["mean_arterial_pressure"] < 65)
+            | (frame["lactate"] > 4)
+        ).to_numpy(),
+    }
+    for rule, mask in expected.items():
+        assert mask.sum() > 0, rule  # the cohort has patients each rule applies to
+        np.testing.assert_array_equal(status[rule].to_numpy() == guardrails.FIRES, mask, err_msg=rule)
+
+
+def test_guardrail_conditions_on_missing_values_are_false_and_required_fields_make_unknown():
+    frame = pd.DataFrame(
+        {
+            "trigger": ["fungal", None, "sjia"],
+            "cns_dysfunction": [np.nan, np.nan, 0.0],
+            "hemorrhage": [np.nan, np.nan, 0.0],
+            "platelets": [np.nan, 19.0, 20.0],
+            "albumin": [np.nan, np.nan, 2.0],
+            "mean_arterial_pressure": [np.nan, np.nan, 65.0],
+            "lactate": [np.nan, np.nan, 4.0],
+        }
+    )
+    status = guardrails.evaluate(
+        guardrails.benefit_guardrails([0.1, 0.9]), frame, {"propensity": [0.5, np.nan, 0.1]}
+    )
+    assert list(status["parasitic_or_fungal_trigger"]) == ["fires", "unknown", "clear"]
+    assert list(status["outside_overlap"]) == ["clear", "unknown", "clear"]  # 0.1 is inside [0.1, 0.9]
+    assert list(status["icu_level_severity"]) == ["clear", "fires", "clear"]  # on the cut-offs: not met
+    assert guardrails.summary_column(status).tolist() == [
+        "parasitic_or_fungal_trigger",
+        "icu_level_severity;parasitic_or_fungal_trigger?;malignancy_trigger?;outside_overlap?",
+        "",
+    ]
+
+
+def test_guardrail_rules_follow_the_documented_format():
+    doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    for rule in guardrails.benefit_guardrails([0.1, 0.9]):
+        assert {"id", "message", "source", "kind"} <= set(rule) and ("any" in rule or "all" in rule)
+        for cond in rule.get("any", rule.get("all")):
+            assert set(cond) == {"field", "op", "value"} and cond["op"] in guardrails.OPS
+            assert f"`{cond['op']}`" in doc
+    with pytest.raises(ValueError, match="op"):
+        guardrails.evaluate(
+            [{"id": "x", "any": [{"field": "a", "op": "~", "value": 1}]}], pd.DataFrame({"a": [1]})
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline: bundle, parity, predict, tracking, determinism
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bundle_manifest_carries_outputs_guardrails_and_method(run):
+    m = run.manifest
+    assert m["task"] == "il1_benefit" and m["model_name"] == "masml-il1-benefit"
+    assert [o["name"] for o in m["outputs"]] == ["benefit", "risk_untreated", "risk_treated", "propensity"]
+    assert {r["id"] for r in m["guardrails"]} == RULE_IDS
+    assert any("unmeasured confounding" in a for a in m["assumptions"])
+    assert m["method"]["learner"] in causal.LEARNERS
+    assert set(run.selection["learner"]) == set(causal.LEARNERS)
+    assert run.selection["dr_loss"].notna().all()
+    for key in ("ate_aipw", "ate_aipw_trimmed", "autoc", "qini", "truth"):
+        assert key in m["metrics"], key
+    ate = m["metrics"]["ate_aipw"]
+    assert ate["ci_low"] < ate["estimate"] < ate["ci_high"]
+    assert m["training_data"]["synthetic"] is True
+
+
+def test_export_passed_the_parity_gate_on_missing_and_threshold_rows(run):
+    assert run.parity["max_abs_diff"] <= 1e-5
+    assert run.parity["by_kind"]["missing"] > 0 and run.parity["by_kind"]["threshold"] > 0
+
+
+def test_predict_writes_benefit_risks_and_guardrails_from_the_bundle(run, workspace):
+    out = workspace["tmp"] / "pred.csv"
+    r = subprocess.run(
+        [MASML, "predict", str(run.bundle_dir), "--data", str(workspace["data"]), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pred = pd.read_csv(out, keep_default_na=False, na_values=[""])
+    for col in ("benefit", "risk_untreated", "risk_treated", "propensity", "guardrails"):
+        assert col in pred.columns, col
+    frame = load_dataset(workspace["data"])
+    model = run.extra["model"]
+    expected = model.predict(encode_inputs(frame, model.input_names))
+    for name in ("benefit", "risk_untreated", "risk_treated"):
+        assert np.max(np.abs(pred[name].to_numpy() - expected[name])) <= 1e-5, name
+    assert pred["risk_untreated"].between(0, 1).all() and pred["risk_treated"].between(0, 1).all()
+    lymphoma = (frame["trigger"] == "lymphoma").to_numpy()
+    assert pred.loc[lymphoma, "guardrails"].astype(str).str.contains("malignancy_trigger").all()
+    assert (
+        not pred.loc[~lymphoma & (frame["trigger"] != "other_malignancy").to_numpy(), "guardrails"]
+        .astype(str)
+        .str.contains("malignancy_trigger")
+        .any()
+    )
+
+
+def test_run_is_tracked_with_plots_and_the_model_registered(run, workspace):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(workspace["uri"])
+    assert client.get_run(run.run_id).data.params["learner"] == run.manifest["method"]["learner"]
+    plots = {Path(a.path).name for a in client.list_artifacts(run.run_id, "plots")}
+    assert {"overlap.png", "balance.png", "benefit_by_trigger.png", "qini.png"} <= plots
+    champion = client.get_model_version_by_alias("masml-il1-benefit", "champion")
+    assert str(champion.version) == run.registered_version
+
+
+def test_same_data_config_and_seed_give_an_identical_graph(run, workspace, tmp_path):
+    again = run_il1_benefit_pipeline(
+        workspace["data"],
+        tmp_path / "again",
+        config_path=workspace["config"],
+        log=lambda m: None,
+        track=False,
+    )
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (run.bundle_dir / "model.onnx").read_bytes()
+    assert again.manifest["metrics"] == run.manifest["metrics"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs and configs
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("column", ["treatment_il1", "death_28d"])
+def test_missing_treatment_or_outcome_column_is_refused_by_name(workspace, tmp_path, column):
+    frame = pd.read_parquet(workspace["data"]).drop(columns=[column])
+    config = load_config(workspace["config"], "il1_benefit")
+    with pytest.raises(Exception, match=column):
+        run_il1_benefit_pipeline(
+            _write(frame, tmp_path / "d.parquet"), tmp_path / "m", config=config, track=False
+        )
+    assert not (tmp_path / "m").exists()
+
+
+def test_non_binary_treatment_is_refused_with_column_and_value(workspace, tmp_path):
+    frame = pd.read_parquet(workspace["data"])
+    frame.loc[frame.index[frame["mas_onset"] == 1][:3], "treatment_il1"] = 2.0
+    config = load_config(workspace["config"], "il1_benefit")
+    with pytest.raises(Exception, match=r"treatment_il1(.|\n)*2"):
+        run_il1_benefit_pipeline(
+            _write(frame, tmp_path / "d.parquet"), tmp_path / "m", config=config, track=False
+        )
+    # the library check, for frames that did not come through validation
+    with pytest.raises(TrainingDataError, match=r"treatment_il1.*0/1.*\['2', 'yes'\]"):
+        causal.treatment_values(pd.DataFrame({"treatment_il1": [0, 1, 2, "yes", None]}))
+
+
+def test_no_treated_patients_is_a_clear_error(workspace, tmp_path):
+    frame = pd.read_parquet(workspace["data"])
+    frame.loc[frame["treatment_il1"] == 1, "treatment_il1"] = 0.0
+    config = load_config(workspace["config"], "il1_benefit")
+    with pytest.raises(TrainingDataError, match=r"no treated patients \(treatment_il1 == 1\)"):
+        run_il1_benefit_pipeline(
+            _write(frame, tmp_path / "d.parquet"), tmp_path / "m", config=config, track=False
+        )
+
+
+def test_an_arm_without_deaths_is_a_clear_error():
+    t = np.r_[np.zeros(50), np.ones(50)]
+    y = np.r_[np.tile([0.0, 1.0], 25), np.zeros(50)]
+    with pytest.raises(TrainingDataError, match=r"treated arm .* 0 deaths"):
+        causal.check_arms(t, y, folds=3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"overlap": [0.9, 0.1]}, "overlap"),
+        ({"overlap": [0.0, 0.9]}, r"overlap\[0\]"),
+        ({"overlap": 0.1}, "overlap"),
+        ({"treatment": "treatment_il1"}, "unknown config key 'treatment'"),
+        ({"task": "icu"}, "'icu' but 'il1_benefit'"),
+    ],
+)
+def test_config_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, "il1_benefit")
+
+
+def test_shipped_yaml_is_the_in_code_default():
+    path = Path(__file__).parents[1] / "configs" / "il1_benefit.yaml"
+    assert load_config(path) == load_config(None, "il1_benefit")
+
+
+def test_pipeline_refuses_a_config_for_another_task(workspace, tmp_path):
+    with pytest.raises(ConfigError, match="il1_benefit"):
+        run_il1_benefit_pipeline(
+            workspace["data"], tmp_path / "m", config=load_config(None, "icu"), track=False
+        )
+
+
+def test_cli_train_reports_a_bad_config_without_a_traceback(workspace, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY + "overlap: [0.5, 0.4]\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": workspace["uri"]}
+    args = [
+        "train",
+        "il1_benefit",
+        "--data",
+        str(workspace["data"]),
+        "--config",
+        str(bad),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    r = subprocess.run([MASML, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2
+    assert "overlap" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_manifest_round_trips_as_strict_json(run):
+    text = (run.bundle_dir / "manifest.json").read_text()
+    assert "NaN" not in text and json.loads(text)["guardrails"] == run.manifest["guardrails"]
