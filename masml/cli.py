@@ -274,6 +274,45 @@ def serve(
 
 
 @app.command()
+def report(
+    source: str = typer.Argument(..., help="A bundle folder (with card.json) or an MLflow run id."),
+    out_path: Path = typer.Option(..., "--out", help="File to write: .html, .pdf (needs Chromium) or .json."),
+) -> None:
+    """Regenerate a model card from its bundle or its MLflow run (the numbers are never recomputed)."""
+    import tempfile
+
+    from masml import card
+
+    if out_path.suffix.lower() not in (".html", ".htm", ".pdf", ".json"):
+        _fail(f"--out {str(out_path)!r}: the file name must end in .html, .pdf or .json")
+    folder = Path(source)
+    try:
+        if folder.is_dir():
+            card_json = folder / "card.json"
+            if not card_json.is_file():
+                _fail(f"{folder} holds no card.json: is it a bundle written by masml train?")
+            written = card.render(card_json, out_path)
+        else:
+            import mlflow
+
+            from masml.tracking import tracking_uri
+
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = mlflow.artifacts.download_artifacts(
+                        run_id=source, artifact_path="card/card.json", dst_path=tmp,
+                        tracking_uri=tracking_uri(),
+                    )  # fmt: skip
+                except Exception as err:  # MlflowException, or an unknown run id on a server
+                    _fail(f"{source!r} is neither a bundle folder nor a run with a card in {tracking_uri()}: "
+                          f"{str(err)[:300]}")  # fmt: skip
+                written = card.render(local, out_path)
+    except (RuntimeError, ValueError) as err:
+        _fail(str(err))
+    out.print(f"model card: {written}")
+
+
+@app.command()
 def version() -> None:
     """Print masml's version."""
     out.print(__version__)

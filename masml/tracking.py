@@ -34,6 +34,16 @@ def run(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> I
         yield active
 
 
+def log_files(run_id: str, paths, artifact_path: str) -> None:
+    """Add files to a finished run (the model card is written after the run's registry step)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path)
+
+
 def flat_metrics(prefix: str, report: dict) -> dict[str, float]:
     """Scalar metrics of an evaluation report, flattened to MLflow metric names (``test.auroc``...)."""
     out: dict[str, float] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from masml import evaluation, explain, onnx_export, plots, scores, tracking
+from masml import card, evaluation, explain, onnx_export, plots, scores, tracking
 from masml.bundle import data_fingerprint, write_bundle
 from masml.cohort import truth_path_for
 from masml.config import Config, load_config
@@ -170,6 +170,9 @@ def run_risk_pipeline(
     sample = np.sort(rng.choice(len(x_test), size=min(len(x_test), 2_000), replace=False))
     expl = explain.shap_explanation(model.booster, model.features(x_test[sample]), model.feature_names)
     importance = explain.global_importance(expl)
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = plots.evaluation_plots(y_test, curves, Path(tmp) / "plots") + explain.save_plots(expl, tmp)
+        figures = {path.stem: path.read_bytes() for path in drawn}
 
     # ---- export: the whole scoring path in one graph, checked against the Python path
     onnx_model = onnx_export.risk_model_to_onnx(
@@ -225,13 +228,26 @@ def run_risk_pipeline(
         "model": model,
         "curves": curves,
         "y_test": y_test,
+        "figures": figures,
     }
     if track:
-        _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subgroup_table, log)
+        _track(result, config, frame, model, x_test, y_test, model_bytes, subgroup_table, log)
+    card_data = card.card_content(
+        manifest=written, config=config, population=population, train=pop.iloc[train_idx],
+        test=test, comparison=comparison, report=report, subgroups=subgroup_table, importance=importance,
+        figures=figures, units_file=str(units) if units else None,
+        run={"run_id": result.run_id, "version": result.registered_version, "n_trees": model.n_rounds,
+             "best_params": model.best_params, "tracking_uri": tracking.tracking_uri() if track else ""},
+    )  # fmt: skip
+    card_paths, pdf_note = card.write_card(card_data, bundle_dir)
+    log(f"{task}: model card {bundle_dir / 'card.html'} ({pdf_note})")
+    result.extra["card"] = card_data
+    if track:
+        tracking.log_files(result.run_id, card_paths, "card")
     return result
 
 
-def _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subgroup_table, log) -> None:
+def _track(result, config, frame, model, x_test, y_test, model_bytes, subgroup_table, log) -> None:
     import mlflow
 
     with tracking.run(config.mlflow_experiment, f"{config.task}-seed{config.seed}") as active:
@@ -248,13 +264,12 @@ def _track(result, config, frame, model, expl, x_test, y_test, model_bytes, subg
                 mlflow.log_metric(f"compare.{row['model']}.auroc", float(row["auroc"]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            for path in explain.save_plots(expl, tmp / "shap"):
-                mlflow.log_artifact(str(path), "shap")
-            for path in plots.evaluation_plots(y_test, result.extra["curves"], tmp / "plots"):
-                mlflow.log_artifact(str(path), "plots")
+            for name, data in result.extra["figures"].items():
+                (tmp / f"{name}.png").write_bytes(data)
+                mlflow.log_artifact(str(tmp / f"{name}.png"), "shap" if name.startswith("shap") else "plots")
             result.comparison.to_csv(tmp / "comparison.csv", index=False)
             subgroup_table.to_csv(tmp / "subgroups.csv", index=False)
-            explain.global_importance(expl).to_csv(tmp / "shap_importance.csv", index=False)
+            result.extra["importance"].to_csv(tmp / "shap_importance.csv", index=False)
             (tmp / "trials.json").write_text(json.dumps(model.trials, indent=2, default=float))
             (tmp / "evaluation.json").write_text(json.dumps(result.test_report, indent=2, default=float))
             for name in ("comparison.csv", "subgroups.csv", "shap_importance.csv", "trials.json"):

@@ -246,3 +246,47 @@ def test_training_against_a_real_mlflow_server(workspace, mlflow_server, tmp_pat
     mlflow.set_tracking_uri(mlflow_server)
     loaded = mlflow.onnx.load_model("models:/masml-icu@champion")
     assert hashlib.sha256(loaded.SerializeToString()).hexdigest() == result.manifest["model_sha256"]
+
+
+# ------------------------------------------------------------------------------------- the model card
+
+
+def test_card_is_written_with_the_runs_own_numbers(onset_run):
+    from masml.card import fmt
+
+    bundle = onset_run.bundle_dir
+    card = json.loads((bundle / "card.json").read_text())
+    page = (bundle / "card.html").read_text()
+    row = onset_run.comparison.set_index("model").loc["model"]
+    assert card["performance"]["model"]["auroc"] == pytest.approx(row["auroc"])
+    assert card["performance"]["model"]["calibration_slope"] == pytest.approx(row["calibration_slope"])
+    assert card["model"]["bundle_sha256"] == onset_run.manifest["model_sha256"]
+    assert card["model"]["version"] == onset_run.registered_version
+    assert card["data"]["flow"]["test_rows"] == onset_run.manifest["metrics"]["test_rows"]
+    # the page prints those numbers, warns loudly that the data are synthetic, and embeds its figures
+    for value in (row["auroc"], row["auroc_lo"], row["auroc_hi"], row["calibration_slope"]):
+        assert fmt(float(value)) in page
+    assert 'id="synthetic"' in page and "SYNTHETIC DATA" in page
+    assert page.count("data:image/png;base64,") >= 5 and "http://" not in page and "https://" not in page
+    for threshold in onset_run.test_report["threshold_metrics"]:
+        assert fmt(float(threshold["sensitivity"])) in page
+    items = [i["item"] for i in card["tripod_ai"]]
+    assert len({i.rstrip("abc") for i in items}) == 27
+    assert {i["status"] for i in card["tripod_ai"]} == {"reported", "not reported", "not applicable"}
+
+
+def test_report_regenerates_the_card_from_a_bundle_and_from_a_run(onset_run, workspace, tmp_path):
+    bundle = onset_run.bundle_dir
+    html_out = tmp_path / "again.html"
+    r = subprocess.run([MASML, "report", str(bundle), "--out", str(html_out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert html_out.read_text() == (bundle / "card.html").read_text()
+    json_out = tmp_path / "from_run.json"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": workspace["uri"]}
+    r = subprocess.run([MASML, "report", onset_run.run_id, "--out", str(json_out)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(json_out.read_text()) == json.loads((bundle / "card.json").read_text())
+    bad = subprocess.run([MASML, "report", str(bundle), "--out", str(tmp_path / "card.docx")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "must end in .html, .pdf or .json" in bad.stderr + bad.stdout

@@ -1,0 +1,735 @@
+"""The model card: what a clinical governance committee reads to approve or reject a model.
+
+Why a card built from the run, not written by hand: every number in it must be traceable to the run that
+produced the bundle, so the card is *data* first (``card.json``, made by :func:`card_content` from the
+run's own results) and a document second (``card.html``, one self-contained file with its figures
+embedded; ``card.pdf`` printed from it by headless Chromium when the machine has it). ``masml report``
+re-renders the HTML and PDF from ``card.json`` alone, so a reviewer can fix wording or layout without
+re-running the pipeline.
+
+Structure: Mitchell et al. 2019 (model cards, FAT* '19) for the sections; TRIPOD+AI (Collins et al.,
+BMJ 2024;385:e078378) for the reporting checklist at the end, each of its 27 items pointing to the
+section that answers it or marked "not reported" / "not applicable" (anchors.md §4).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from masml.schema import TRIGGER_FAMILY, age_band
+
+CARD_FORMAT = 1
+CARD_FILES = ("card.json", "card.html", "card.pdf")
+PERFORMANCE_FIGURES = ("roc", "precision_recall", "calibration", "decision_curve")
+
+INTENDED_USE = {
+    "onset": (
+        "Estimate, for a hospitalised patient with suspected hyperinflammation, the probability that "
+        "macrophage activation syndrome (MAS, secondary HLH) is present or develops within 7 days, to prompt "
+        "earlier specialist review, tests (ferritin trend, fibrinogen, bone-marrow aspirate) and monitoring."
+    ),
+    "icu": (
+        "Estimate, for a patient with MAS, the probability of needing intensive care within 7 days, to help "
+        "plan the level of care and escalation."
+    ),
+    "il1_benefit": (
+        "Estimate, for a patient with MAS, how much IL-1 blockade (anakinra) changes the risk of death "
+        "within 28 days, as one input to a treatment decision taken by the treating team."
+    ),
+}
+USERS = (
+    "Clinicians caring for hospitalised patients with suspected hyperinflammation (rheumatology, "
+    "haematology, infectious diseases, intensive care), through a hospital application that calls the "
+    "masml scoring service; data scientists who retrain and monitor the model."
+)
+# Clinical cautions that hold whatever the metrics say (clinical-reference.md §3, §9, §10).
+CAUTIONS = (
+    "A parasitic (visceral leishmaniasis) or fungal trigger must be excluded or treated before any "
+    "immunosuppression: Leishmania mimics HLH and the first marrow smear missed it in 6 of 13 children "
+    "(Bode 2014; clinical-reference §10).",
+    "Lymphoma-associated HLH needs disease-specific therapy (chemotherapy); IL-1 blockade is not first-line "
+    "and must not delay it (clinical-reference §10).",
+    "Subclinical hyperinflammation and MAS that needs intensive care call for different decisions; a risk "
+    "estimate does not say which of the two a patient has.",
+    "The score supports, and never replaces, clinical judgement and the diagnostic criteria (HLH-2004, "
+    "2016 EULAR/ACR/PRINTO, HScore), which remain the reference.",
+)
+OUT_OF_SCOPE = (
+    "Primary (familial) HLH and neonates: not represented in the training data.",
+    "Patients already receiving cytokine-directed therapy (anakinra, tocilizumab, emapalumab, JAK "
+    "inhibitors) or HLH-94 etoposide at the time of scoring: such treatment changes the laboratory picture "
+    "the model relies on (Eloseily 2019, clinical-reference §5).",
+    "Use as a diagnostic test or as the sole basis for starting or withholding treatment.",
+    "Populations, triggers or hospitals absent from the training data (listed under Training data).",
+)
+SHAP_LIMITS = (
+    "SHAP values (exact TreeSHAP, Lundberg 2020) say how much each input moved this model's log-odds for "
+    "this patient, relative to the model's average. They explain the model, not the disease: a large "
+    "contribution means the model leaned on that input, not that the input causes MAS or that changing it "
+    "would change the patient's risk. Correlated inputs share credit in ways that depend on the trees."
+)
+MONITORING = (
+    "The scoring service exposes, per model, request counts, latency, errors by kind, per-input "
+    "missingness and the distribution of predicted risks (GET /metrics, Prometheus).",
+    "Review monthly: missingness of each input against the training data (Training data table), the "
+    "mean predicted risk against the observed event rate (calibration-in-the-large), and alert volume at "
+    "the configured thresholds.",
+    "Retrain or recalibrate when the observed event rate leaves the 95% interval of the mean predicted "
+    "risk for two consecutive months, when an input's missingness changes by more than 20 percentage "
+    "points, or when laboratory methods or units change. These triggers are masml's proposal, an "
+    "assumption to be set by the governance committee.",
+    "Withdraw the model if a subgroup shows a credible calibration or discrimination failure, or if a "
+    "safety incident is linked to its use.",
+)
+SIGN_OFF = (
+    "Clinical lead",
+    "Clinical safety officer",
+    "Data protection / information governance",
+    "Data science lead",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Content
+# --------------------------------------------------------------------------------------------------
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None, numpy scalars plain numbers, containers recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _share_table(values: pd.Series) -> list[dict]:
+    counts = values.fillna("missing").astype(str).value_counts()
+    return [{"level": k, "n": int(v), "share": float(v / len(values))} for k, v in counts.items()]
+
+
+def data_description(frame: pd.DataFrame, inputs: Sequence[str], label: str) -> dict:
+    """Who the model learned from: size, outcome rate, trigger mix, age, sex and missingness per input."""
+    y = pd.to_numeric(frame[label], errors="coerce")
+    return {
+        "rows": int(len(frame)),
+        "events": int((y == 1).sum()),
+        "prevalence": float((y == 1).mean()) if len(frame) else None,
+        "trigger": _share_table(frame["trigger"]),
+        "trigger_family": _share_table(frame["trigger"].map(TRIGGER_FAMILY)),
+        "age_band": _share_table(frame["age_years"].map(age_band)),
+        "age_median": float(frame["age_years"].median()),
+        "sex": _share_table(frame["sex"]),
+        "missingness": {name: float(frame[name].isna().mean()) for name in inputs},
+    }
+
+
+def card_content(
+    *,
+    manifest: Mapping,
+    config: Any,
+    population: Any,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    comparison: pd.DataFrame,
+    report: Mapping,
+    subgroups: pd.DataFrame,
+    importance: pd.DataFrame,
+    figures: Mapping[str, bytes],
+    run: Mapping[str, str],
+    units_file: str | None = None,
+) -> dict:
+    """Everything the card says, as JSON-ready data taken from the run (no number is typed by hand)."""
+    task = manifest["task"]
+    synthetic = bool(manifest["training_data"].get("synthetic"))
+    algorithm = (
+        f"XGBoost gradient-boosted trees ({run.get('n_trees', '?')} trees), hyper-parameters tuned "
+        f"with optuna (TPE, {config.tuning.n_trials} trials, {config.folds}-fold cross-validation grouped by "
+        f"patient, early stopping), {config.calibration} calibration fitted on out-of-fold predictions. "
+        "Missing values stay missing: the trees learn a default direction for them."
+    )
+    present = {t["level"] for t in data_description(train, config.inputs, config.label)["trigger"]}
+    from masml.schema import COLUMNS
+
+    absent = [c for c in (COLUMNS["trigger"].categories or ()) if c not in present]
+    threshold_rows = [r for r in report.get("threshold_metrics", [])]
+    model_row = comparison.set_index("model").loc["model"]
+    warnings = [
+        {"group": r["group"], "level": r["level"], "warning": r["warning"]}
+        for _, r in subgroups.iterrows()
+        if str(r.get("warning") or "")
+    ]
+    card = {
+        "card_format": CARD_FORMAT,
+        "title": f"Model card: {manifest['model_name']} ({task})",
+        "synthetic_data": synthetic,
+        "model": {
+            "name": manifest["model_name"],
+            "task": task,
+            "version": run.get("version") or "not registered (run without tracking)",
+            "created_at": manifest["created_at"],
+            "masml_version": manifest["versions"]["masml"],
+            "versions": manifest["versions"],
+            "algorithm": algorithm,
+            "best_params": run.get("best_params", {}),
+            "bundle_sha256": manifest["model_sha256"],
+            "mlflow_run_id": run.get("run_id") or None,
+            "tracking_uri": run.get("tracking_uri") or None,
+            "owner": config.owner or "not set in the config",
+            "contact": config.contact or "not set in the config",
+            "licence": "Apache-2.0 (masml code); the trained model inherits the data's terms",
+        },
+        "intended_use": {
+            "summary": INTENDED_USE.get(task, ""),
+            "users": USERS,
+            "cautions": list(CAUTIONS),
+            "out_of_scope": list(OUT_OF_SCOPE),
+            "absent_triggers": absent,
+        },
+        "data": {
+            "source": manifest["training_data"]["source"],
+            "synthetic_statement": (
+                "SYNTHETIC DATA. This model was trained and evaluated on masml's simulated cohort, whose "
+                "parameters come from the published literature (docs/clinical-reference). No real patient "
+                "was involved. Its performance says nothing about performance in any hospital: retrain and "
+                "evaluate on local data before any clinical use."
+                if synthetic
+                else "Real data supplied by the hospital that ran the pipeline (see source and fingerprint)."
+            ),
+            "fingerprint": manifest["training_data"]["fingerprint"],
+            "dates": "not recorded: masml's schema carries no dates (TRIPOD+AI 5b)",
+            "label": manifest["label"],
+            "population": manifest["population"],
+            "units": f"converted to canonical units with the units file {units_file}"
+            if units_file
+            else ("supplied in masml's canonical units (docs/schema.md)"),
+            "flow": {
+                "rows_in": population.rows_in,
+                "skipped_outside_population": population.skipped_outside_population,
+                "skipped_label_missing": population.skipped_label_missing,
+                "rows_used": population.rows_used,
+                "events": population.events,
+                "train_rows": int(len(train)),
+                "test_rows": int(len(test)),
+                "split": f"held-out {config.test_size:.0%} stratified by the label and grouped by patient_id "
+                f"(seed {config.seed}); tuning and calibration used the training part only",
+            },
+            "training": data_description(train, config.inputs, config.label),
+            "evaluation": data_description(test, config.inputs, config.label),
+            "inputs": [
+                {"name": i["name"], "unit": i["unit"], "description": i["description"]}
+                for i in manifest["inputs"]
+            ],
+        },
+        "performance": {
+            "test_rows": int(len(test)),
+            "comparison": comparison.to_dict(orient="records"),
+            "model": {
+                k: model_row.get(k)
+                for k in (
+                    "auroc",
+                    "auroc_lo",
+                    "auroc_hi",
+                    "auprc",
+                    "auprc_lo",
+                    "auprc_hi",
+                    "brier",
+                    "calibration_slope",
+                    "calibration_intercept",
+                    "ece",
+                    "ece_floor",
+                    "ece_vs_truth",
+                    "auroc_diff",
+                )
+                if k in model_row
+            },
+            "calibration": {k: report[k] for k in ("calibration_intercept", "calibration_slope")},
+            "thresholds": threshold_rows,
+            "threshold_choice": "set in the config (thresholds); masml does not choose them: the decision "
+            "curve shows the range of threshold probabilities over which the model adds net benefit",
+            "figures": {
+                name: _png_data_uri(figures[name]) for name in PERFORMANCE_FIGURES if name in figures
+            },
+        },
+        "subgroups": {
+            "table": subgroups.to_dict(orient="records"),
+            "warnings": warnings,
+            "method": "fairlearn MetricFrame per grouping; AUROC with stratified bootstrap 95% CIs; "
+            "'small group' under 100 patients or 20 events; 'worse' when the AUROC's upper bound is below "
+            "the overall AUROC or observed minus expected risk exceeds 5 percentage points",
+        },
+        "explanations": {
+            "top_features": importance.head(10).to_dict(orient="records"),
+            "figure": _png_data_uri(figures["shap_summary"]) if "shap_summary" in figures else None,
+            "limits": SHAP_LIMITS,
+        },
+        "limitations": _limitations(synthetic, absent, warnings, manifest),
+        "ethics": [
+            "No personal data is used by masml's default cohort; a hospital retraining on its own data is "
+            "the data controller and needs the approvals its jurisdiction requires (TRIPOD+AI 17).",
+            "Subgroup performance is reported for trigger family, age band and sex; ethnicity and socio-"
+            "economic factors are not in the schema, so fairness across them cannot be assessed here.",
+            "A wrong high risk may lead to unnecessary tests or immunosuppression; a wrong low risk may "
+            "delay treatment of a life-threatening condition. The cautions above apply to every use.",
+        ],
+        "monitoring": list(MONITORING),
+        "sign_off": list(SIGN_OFF),
+    }
+    card["tripod_ai"] = tripod_ai(card)
+    return _clean(card)
+
+
+def _limitations(synthetic: bool, absent: list[str], warnings: list[dict], manifest: Mapping) -> list[str]:
+    out = []
+    if synthetic:
+        out.append("Trained and evaluated on simulated patients only; no external validation.")
+    out.append("Internal validation only: one held-out split of the same data source.")
+    if absent:
+        out.append(f"Triggers absent from the training data: {', '.join(absent)}.")
+    for w in warnings:
+        out.append(f"Subgroup {w['group']} = {w['level']}: {w['warning']}.")
+    out.append("Inputs are one snapshot; trends use only the previous ferritin and platelet values.")
+    return out
+
+
+TRIPOD_ITEMS: tuple[tuple[str, str, str], ...] = (
+    # (item, topic, section of the card that answers it; "" = not reported, "n/a" = not applicable)
+    ("1", "Title", "title"),
+    ("2", "Abstract", ""),
+    ("3a", "Clinical context and rationale", "intended_use"),
+    ("3b", "Target population, care pathway, intended users", "intended_use"),
+    ("3c", "Known health inequalities", "ethics"),
+    ("4", "Objectives", "intended_use"),
+    ("5a", "Data sources and representativeness", "data"),
+    ("5b", "Accrual and follow-up dates", ""),
+    ("6a", "Setting and centres", "data"),
+    ("6b", "Eligibility", "data"),
+    ("6c", "Treatments received", "data"),
+    ("7", "Data preparation and quality checks", "data"),
+    ("8", "Outcome definition and horizon", "data"),
+    ("9", "Predictors", "data"),
+    ("10", "Sample size", "data"),
+    ("11", "Missing data", "data"),
+    ("12", "Analysis: partitioning, predictors, model building, performance measures", "model"),
+    ("13", "Class imbalance", "model"),
+    ("14", "Fairness", "subgroups"),
+    ("15", "Model output and thresholds", "performance"),
+    ("16", "Development vs evaluation data", "data"),
+    ("17", "Ethics approval", "ethics"),
+    ("18", "Open science: funding, conflicts, protocol, registration, data and code sharing", ""),
+    ("19", "Patient and public involvement", ""),
+    ("20", "Participants: flow and characteristics", "data"),
+    ("21", "Numbers of participants and events", "data"),
+    ("22", "Model specification / access", "model"),
+    ("23", "Performance with CIs, subgroups, plots", "performance"),
+    ("24", "Updated-model results", "n/a"),
+    ("25", "Interpretation incl. fairness", "subgroups"),
+    ("26", "Limitations", "limitations"),
+    ("27", "Usability: missing inputs at use time, expertise needed", "monitoring"),
+)
+TRIPOD_NOTES = {
+    "2": "a card has no abstract; the summary box at the top stands in for it",
+    "5b": "masml's schema records no dates",
+    "6a": "synthetic: no centres",
+    "6c": "treatment (IL-1 blockade) is recorded; the risk models do not adjust for it",
+    "13": "no resampling or weighting; calibration fitted on out-of-fold predictions",
+    "17": "the hospital that retrains answers this; the synthetic default needs no approval",
+    "18": "code: masml (Apache-2.0); the rest is for the deploying organisation to state",
+    "19": "not done by masml; for the deploying organisation",
+    "22": "the full model is the ONNX bundle (sha256 above), scorable by any onnxruntime",
+    "24": "the model is not an update of an earlier model",
+    "27": "missing inputs are passed as missing (never imputed) and handled by the trees",
+}
+
+
+def tripod_ai(card: Mapping) -> list[dict]:
+    """The 27 TRIPOD+AI items, each with where the card answers it (or an honest 'not reported')."""
+    out = []
+    for item, topic, section in TRIPOD_ITEMS:
+        status = "not applicable" if section == "n/a" else ("reported" if section else "not reported")
+        out.append(
+            {
+                "item": item,
+                "topic": topic,
+                "status": status,
+                "section": section if section not in ("", "n/a") else None,
+                "note": TRIPOD_NOTES.get(item, ""),
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:60rem;margin:2rem auto;
+padding:0 1rem;color:#1a1a1a;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
+.banner{background:#fff3cd;border:2px solid #d39e00;padding:.8rem 1rem;font-weight:600;margin:1rem 0}
+.caution{background:#fdecea;border-left:4px solid #c0392b;padding:.4rem .8rem;margin:.3rem 0}
+.figs{display:flex;flex-wrap:wrap;gap:.8rem}.figs figure{margin:0;flex:1 1 24rem}.figs img{max-width:100%}
+.muted{color:#555;font-size:.9rem}.sign td{height:2.2rem;min-width:10rem}
+@media print{body{margin:0;max-width:none}h2{break-after:avoid}figure,table{break-inside:avoid}}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Numbers as the card prints them (tests compare the page with the run's metrics through this)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(est: Any, lo: Any, hi: Any) -> str:
+    if est is None:
+        return "–"
+    return f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}]" if lo is not None else fmt(est)
+
+
+def _table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{_e(title)}</th>" for _, title in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for key, _ in columns:
+            v = r.get(key)
+            cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{_e(fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _kv(pairs: Sequence[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(fmt(v))}</td></tr>" for k, v in pairs)
+    return f"<table>{rows}</table>"
+
+
+def _list(items: Sequence[str], cls: str = "") -> str:
+    if cls:
+        return "".join(f'<div class="{cls}">{_e(i)}</div>' for i in items)
+    return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>"
+
+
+def _figure(uri: str, caption: str) -> str:
+    return f'<figure><img alt="{_e(caption)}" src="{uri}"><figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def render_html(card: Mapping) -> str:
+    """One self-contained HTML page (figures embedded as data URIs, no network fetches)."""
+    m, use, data, perf = card["model"], card["intended_use"], card["data"], card["performance"]
+    flow, train = data["flow"], data["training"]
+    parts = [
+        f"<h1>{_e(card['title'])}</h1>",
+        f'<p class="muted">Generated by masml {_e(m["masml_version"])} from the training run; '
+        "every number below comes from that run.</p>",
+    ]
+    if card["synthetic_data"]:
+        parts.append(f'<div class="banner" id="synthetic">{_e(data["synthetic_statement"])}</div>')
+    best = perf["model"]
+    parts.append(
+        '<section id="summary"><h2>Summary</h2>'
+        + _kv(
+            [
+                ("Predicts", data["label"]["definition"]),
+                ("Population", data["population"]["description"]),
+                ("Held-out patients", perf["test_rows"]),
+                ("AUROC [95% CI]", _ci(best.get("auroc"), best.get("auroc_lo"), best.get("auroc_hi"))),
+                ("Calibration slope", best.get("calibration_slope")),
+            ]
+        )
+        + "</section>"
+    )
+    parts.append(
+        '<section id="model"><h2>Model details</h2>'
+        + _kv(
+            [
+                ("Name", m["name"]),
+                ("Task", m["task"]),
+                ("Version", m["version"]),
+                ("Created", m["created_at"]),
+                ("Algorithm", m["algorithm"]),
+                ("Bundle sha256", m["bundle_sha256"]),
+                ("MLflow run", m["mlflow_run_id"]),
+                ("Owner", m["owner"]),
+                ("Contact", m["contact"]),
+                ("Licence", m["licence"]),
+                ("Software", ", ".join(f"{k} {v}" for k, v in m["versions"].items())),
+            ]
+        )
+        + "</section>"
+    )
+    parts.append(
+        '<section id="intended_use"><h2>Intended use</h2>'
+        f"<p>{_e(use['summary'])}</p><p><b>Users.</b> {_e(use['users'])}</p>"
+        "<h3>Clinical cautions</h3>"
+        + _list(use["cautions"], "caution")
+        + "<h3>Out of scope</h3>"
+        + _list(use["out_of_scope"])
+        + (
+            f"<p><b>Triggers absent from the training data:</b> {_e(', '.join(use['absent_triggers']))}</p>"
+            if use["absent_triggers"]
+            else ""
+        )
+        + "</section>"
+    )
+    miss = sorted(train["missingness"].items(), key=lambda kv: -kv[1])
+    parts.append(
+        '<section id="data"><h2>Training and evaluation data</h2>'
+        + _kv(
+            [
+                ("Source", data["source"]),
+                ("Fingerprint", data["fingerprint"]),
+                ("Dates", data["dates"]),
+                (
+                    "Label",
+                    f"{data['label']['name']}: {data['label']['definition']} "
+                    f"(horizon {data['label'].get('horizon') or '–'})",
+                ),
+                ("Population", data["population"]["description"]),
+                ("Units", data["units"]),
+                ("Rows in the file", flow["rows_in"]),
+                ("Skipped: outside the population", flow["skipped_outside_population"]),
+                ("Skipped: label missing", flow["skipped_label_missing"]),
+                ("Rows used", flow["rows_used"]),
+                ("Events", flow["events"]),
+                ("Training rows", flow["train_rows"]),
+                ("Held-out rows", flow["test_rows"]),
+                ("Split", flow["split"]),
+                ("Prevalence (training)", train["prevalence"]),
+                ("Prevalence (held-out)", data["evaluation"]["prevalence"]),
+                ("Median age (training)", train["age_median"]),
+            ]
+        )
+        + "<h3>Trigger mix, age and sex (training)</h3><div class='figs'>"
+        + _table(train["trigger_family"], [("level", "trigger family"), ("n", "n"), ("share", "share")])
+        + _table(train["age_band"], [("level", "age band"), ("n", "n"), ("share", "share")])
+        + _table(train["sex"], [("level", "sex"), ("n", "n"), ("share", "share")])
+        + "</div><h3>Missing values per input (training)</h3>"
+        + _table(
+            [{"input": k, "missing": v} for k, v in miss], [("input", "input"), ("missing", "share missing")]
+        )
+        + "</section>"
+    )
+    cmp_cols = [
+        ("model", "model"),
+        ("rows", "n"),
+        ("auroc", "AUROC"),
+        ("auroc_lo", "lo"),
+        ("auroc_hi", "hi"),
+        ("auprc", "AUPRC"),
+        ("brier", "Brier"),
+        ("calibration_slope", "slope"),
+        ("calibration_intercept", "intercept"),
+        ("ece", "ECE"),
+        ("ece_floor", "ECE floor"),
+        ("ece_vs_truth", "ECE vs truth"),
+        ("auroc_diff", "Δ AUROC vs ceiling"),
+    ]
+    figs = "".join(
+        _figure(uri, name.replace("_", " ")) for name, uri in perf["figures"].items()
+    )
+    parts.append(
+        '<section id="performance"><h2>Performance on held-out patients</h2>'
+        "<p>The model beside the logistic-regression baseline, the clinical scores (on the patients each "
+        "applies to) and, for simulated data, the ceiling (the true probabilities). 95% CIs from a "
+        "stratified bootstrap. The ECE floor is the ECE a perfectly calibrated model would show on this many "
+        "patients.</p>"
+        + _table(perf["comparison"], cmp_cols)
+        + "<h3>At the configured thresholds</h3>"
+        + _table(
+            perf["thresholds"],
+            [
+                ("threshold", "threshold"),
+                ("sensitivity", "sensitivity"),
+                ("specificity", "specificity"),
+                ("ppv", "PPV"),
+                ("npv", "NPV"),
+                ("flagged_share", "flagged"),
+            ],
+        )
+        + f"<p class='muted'>{_e(perf['threshold_choice'])}</p>"
+        + f"<div class='figs'>{figs}</div></section>"
+    )
+    sub = card["subgroups"]
+    parts.append(
+        '<section id="subgroups"><h2>Subgroups</h2>'
+        + _table(
+            sub["table"],
+            [
+                ("group", "grouping"),
+                ("level", "group"),
+                ("n", "n"),
+                ("events", "events"),
+                ("auroc", "AUROC"),
+                ("auroc_lo", "lo"),
+                ("auroc_hi", "hi"),
+                ("o_minus_e", "observed − expected"),
+                ("warning", "warning"),
+            ],
+        )
+        + f"<p class='muted'>{_e(sub['method'])}</p></section>"
+    )
+    ex = card["explanations"]
+    parts.append(
+        '<section id="explanations"><h2>Explanations (SHAP)</h2>'
+        + _table(ex["top_features"], [("feature", "feature"), ("mean_abs_shap", "mean |SHAP| (log-odds)")])
+        + (
+            _figure(ex["figure"], "SHAP summary")
+            if ex.get("figure")
+            else ""
+        )
+        + f"<p>{_e(ex['limits'])}</p></section>"
+    )
+    parts.append('<section id="limitations"><h2>Limitations</h2>' + _list(card["limitations"]) + "</section>")
+    parts.append(
+        '<section id="ethics"><h2>Ethical considerations</h2>' + _list(card["ethics"]) + "</section>"
+    )
+    parts.append(
+        '<section id="monitoring"><h2>Monitoring plan</h2>' + _list(card["monitoring"]) + "</section>"
+    )
+    parts.append(
+        '<section id="tripod"><h2>TRIPOD+AI checklist</h2>'
+        + _table(
+            card["tripod_ai"],
+            [
+                ("item", "item"),
+                ("topic", "topic"),
+                ("status", "status"),
+                ("section", "section"),
+                ("note", "note"),
+            ],
+        )
+        + "</section>"
+    )
+    rows = "".join(f"<tr><th>{_e(role)}</th><td></td><td></td><td></td></tr>" for role in card["sign_off"])
+    parts.append(
+        '<section id="sign_off"><h2>Sign-off</h2><table class="sign"><tr><th>role</th><th>name</th>'
+        f"<th>decision (approve / reject)</th><th>date and signature</th></tr>{rows}</table></section>"
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(card['title'])}</title><style>{_CSS}</style></head><body>"
+        + "".join(parts)
+        + "</body></html>"
+    )
+
+
+def chromium() -> str | None:
+    """Path of a headless-capable Chromium, if the machine has one (Debian's ``chromium`` package)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+# Flags from the machine notes: without the background-networking ones Chromium keeps trying to reach
+# Google's hosts, which this closed network refuses.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+def run_chromium(args: Sequence[str], timeout: float = 120) -> None:
+    """Run headless Chromium with a throw-away profile; raises RuntimeError with its output on failure."""
+    exe = chromium()
+    if exe is None:
+        raise RuntimeError("Chromium is not installed (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HOME": profile}
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"chromium exited with {proc.returncode}: {proc.stderr[-800:]}")
+
+
+def render_pdf(html_path: str | Path, pdf_path: str | Path) -> None:
+    """Print the HTML card to PDF with headless Chromium (raises RuntimeError when it cannot)."""
+    pdf_path = Path(pdf_path)
+    run_chromium(
+        ["--no-pdf-header-footer", f"--print-to-pdf={pdf_path.resolve()}", Path(html_path).resolve().as_uri()]
+    )
+    if not pdf_path.is_file() or pdf_path.read_bytes()[:5] != b"%PDF-":
+        raise RuntimeError(f"chromium did not write a PDF to {pdf_path}")
+
+
+def write_card(card: Mapping, out_dir: str | Path, pdf: bool = True) -> tuple[list[Path], str]:
+    """card.json + card.html (+ card.pdf when Chromium is available); returns (paths, note on the PDF)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "card.json", out / "card.html"]
+    paths[0].write_text(json.dumps(card, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    paths[1].write_text(render_html(card), encoding="utf-8")
+    note = "PDF not requested"
+    if pdf:
+        try:
+            render_pdf(paths[1], out / "card.pdf")
+            paths.append(out / "card.pdf")
+            note = "PDF rendered with headless Chromium"
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
+            note = f"PDF not rendered: {err}"
+    return paths, note
+
+
+def render(card_json: str | Path, out_file: str | Path) -> Path:
+    """``masml report``: the card in the format the file name asks for (.html, .pdf or .json)."""
+    card = json.loads(Path(card_json).read_text(encoding="utf-8"))
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix == ".json":
+        out.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    elif suffix in (".html", ".htm"):
+        out.write_text(render_html(card), encoding="utf-8")
+    elif suffix == ".pdf":
+        with tempfile.TemporaryDirectory() as tmp:
+            page = Path(tmp) / "card.html"
+            page.write_text(render_html(card), encoding="utf-8")
+            render_pdf(page, out)
+    else:
+        raise ValueError(f"--out {str(out)!r}: the file name must end in .html, .pdf or .json")
+    return out
