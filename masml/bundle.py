@@ -20,6 +20,7 @@ from masml.schema import SCHEMA_VERSION
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, MANIFEST_FILE = "model.onnx", "manifest.json"
+EXPLAINER_FILE = "explainer.onnx"  # optional: exact SHAP of the margin (masml.shap_export)
 
 
 class BundleError(ValueError):
@@ -52,11 +53,21 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_bundle(out_dir: str | Path, model_bytes: bytes, manifest: dict) -> Path:
-    """Write the graph and its manifest; the manifest records the graph's sha256 and the format."""
+def write_bundle(
+    out_dir: str | Path, model_bytes: bytes, manifest: dict, explainer: bytes | None = None
+) -> Path:
+    """Write the graph and its manifest; the manifest records the graph's sha256 and the format.
+
+    ``explainer`` (bytes of ``explainer.onnx``) needs ``manifest["explainer"]``, which gains its sha256
+    so that a server can prove the explanations it serves belong to this model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model_bytes)
+    if explainer is not None:
+        if "explainer" not in manifest:
+            raise BundleError("an explainer graph needs its manifest section (manifest['explainer'])")
+        manifest = {**manifest, "explainer": {**manifest["explainer"], "sha256": sha256_bytes(explainer)}}
+        (out / manifest["explainer"].get("file", EXPLAINER_FILE)).write_bytes(explainer)
     full = {
         "bundle_format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -85,6 +96,12 @@ def read_bundle(bundle_dir: str | Path) -> tuple[dict, bytes]:
             f"{d / MODEL_FILE} does not match its manifest: sha256 {sha256_bytes(model)[:16]}... "
             f"but the manifest says {str(manifest.get('model_sha256'))[:16]}..."
         )
+    if isinstance(manifest.get("explainer"), dict):
+        path = d / str(manifest["explainer"].get("file", EXPLAINER_FILE))
+        if not path.is_file():
+            raise BundleError(f"{d} lists an explainer but {path.name} is missing")
+        if sha256_bytes(path.read_bytes()) != manifest["explainer"].get("sha256"):
+            raise BundleError(f"{path} does not match the sha256 in its manifest's explainer section")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(
             f"{d} was made for schema {manifest.get('schema_version')!r}; this masml: {SCHEMA_VERSION!r}"

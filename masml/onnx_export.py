@@ -70,6 +70,7 @@ class _Tree:
     threshold: np.ndarray  # float32 split value (0 for leaves)
     default_left: np.ndarray  # bool: where NaN goes
     value: np.ndarray  # float32 leaf value (0 for internal nodes)
+    cover: np.ndarray  # float64 sum of hessians reaching the node: TreeSHAP's path weights (shap_export)
 
     @property
     def is_leaf(self) -> np.ndarray:
@@ -213,6 +214,7 @@ def _read_tree(t: dict, k: int) -> _Tree:
         "threshold": np.zeros(n, np.float32),
         "default_left": np.zeros(n, bool),
         "value": np.zeros(n, np.float32),
+        "cover": np.asarray(t["sum_hessian"], np.float64)[order],
     }
     for n_id, i in enumerate(order):
         cond = np.float32(t["split_conditions"][i])  # JSON floats round-trip float32 exactly
