@@ -156,6 +156,7 @@ def create_app(config: Config | None = None) -> Starlette:
 
     R = Route
     routes = [
+        R("/v1/models/{task}/predict", endpoint("predict", predict), methods=["POST"]),
         R("/healthz", endpoint("healthz", healthz, None), methods=["GET"]),
         R("/readyz", endpoint("readyz", readyz, None), methods=["GET"]),
         R("/ping", endpoint("ping", healthz, None), methods=["GET"]),
@@ -165,7 +166,6 @@ def create_app(config: Config | None = None) -> Starlette:
         R("/metrics", endpoint("metrics", metrics, "user"), methods=["GET"]),
         R("/v1/models", endpoint("models", list_models), methods=["GET"]),
         R("/v1/models/{task}", endpoint("model", get_model), methods=["GET"]),
-        R("/v1/models/{task}/predict", endpoint("predict", predict), methods=["POST"]),
         R("/admin/reload", endpoint("reload", admin_reload, "admin"), methods=["POST"]),
         R("/invocations", endpoint("invocations", invocations), methods=["POST"]),
         R("/v2", endpoint("v2", v2_server, oip=True), methods=["GET"]),

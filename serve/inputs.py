@@ -177,6 +177,17 @@ class Encoder:
                     )
         if not rows_ok:
             raise Problems(422, "invalid input", probs)
+        if n <= 4:  # a few patients: value by value is cheaper than numpy per column
+            x = np.array(
+                [
+                    [self._value(s, p.get(s.name), (where, i, s.name), probs) for s in self.specs]
+                    for i, p in enumerate(patients)
+                ],
+                dtype=np.float64,
+            )
+            if probs:
+                raise Problems(422, "invalid input", probs)
+            return x, ids
         x = np.empty((n, len(self.specs)), dtype=np.float64)
         for j, spec in enumerate(self.specs):
             col = list(map(dict.get, patients, repeat(spec.name, n)))
@@ -213,18 +224,17 @@ class Encoder:
 
     def _column(self, spec: InputSpec, col: list, where: str, probs: list[dict]) -> np.ndarray:
         """Vectorised when the column is clean; otherwise value by value, to name each problem."""
-        if len(col) > 4:
-            fast = self._fast(spec, col)
-            if fast is not None:
-                if spec.kind == "numeric" and (spec.required or spec.low is not None):
-                    self._check_plain(spec, fast, where, probs)
-                elif spec.required and np.isnan(fast).any():
-                    for i in np.flatnonzero(np.isnan(fast)):
-                        probs.append(self._missing(spec, f"{where}[{i}].{spec.name}"))
-                return fast
+        fast = self._fast(spec, col)
+        if fast is not None:
+            if spec.kind == "numeric" and (spec.required or spec.low is not None):
+                self._check_plain(spec, fast, where, probs)
+            elif spec.required and np.isnan(fast).any():
+                for i in np.flatnonzero(np.isnan(fast)):
+                    probs.append(self._missing(spec, f"{where}[{i}].{spec.name}"))
+            return fast
         out = np.full(len(col), np.nan)
         for i, v in enumerate(col):
-            out[i] = self._value(spec, v, f"{where}[{i}].{spec.name}", probs)
+            out[i] = self._value(spec, v, (where, i, spec.name), probs)
         return out
 
     @staticmethod
@@ -257,10 +267,10 @@ class Encoder:
             for i in np.flatnonzero(bad):
                 probs.append(self._range(spec, f"{where}[{i}].{spec.name}", values[i]))
 
-    def _missing(self, spec: InputSpec, path: str) -> dict:
+    def _missing(self, spec: InputSpec, path: str | tuple) -> dict:
         return problem(path, "required", f"{spec.name} is required", expected=spec.expected())
 
-    def _range(self, spec: InputSpec, path: str, canonical: float, raw: Any = None) -> dict:
+    def _range(self, spec: InputSpec, path: str | tuple, canonical: float, raw: Any = None) -> dict:
         shown = f"{_fmt(canonical)} {spec.unit}" + (f" (sent as {raw})" if raw is not None else "")
         return problem(
             path,
@@ -270,7 +280,7 @@ class Encoder:
             expected=f"between {_fmt(spec.low)} and {_fmt(spec.high)} {spec.unit}",
         )
 
-    def _value(self, spec: InputSpec, v: Any, path: str, probs: list[dict]) -> float:
+    def _value(self, spec: InputSpec, v: Any, path: tuple[str, int, str], probs: list[dict]) -> float:
         if v is None:
             if spec.required:
                 probs.append(self._missing(spec, path))

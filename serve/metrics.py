@@ -30,6 +30,11 @@ class Histogram:
         self.count += 1
 
     def observe_many(self, values: np.ndarray) -> None:
+        if len(values) <= 8:  # one patient: numpy's unique costs more than a loop
+            for v in values.tolist():
+                if v == v:
+                    self.observe(v)
+            return
         values = values[~np.isnan(values)]
         idx = np.searchsorted(self.buckets, values, side="left")
         for i, c in zip(*np.unique(idx, return_counts=True), strict=True):
@@ -68,9 +73,9 @@ class Metrics:
     def scored(self, model: str, names: list[str], x: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """Drift signals: how often each input is missing, and where predictions fall."""
         self.patients[model] += x.shape[0]
-        for name, k in zip(names, np.isnan(x).sum(axis=0).tolist(), strict=True):
-            if k:
-                self.missing[(model, name)] += k
+        counts = np.isnan(x).sum(axis=0)
+        for j in np.flatnonzero(counts).tolist():
+            self.missing[(model, names[j])] += int(counts[j])
         for out, values in outputs.items():
             h = self.predictions.get((model, out))
             if h is None:

@@ -30,7 +30,12 @@ class Problems(Exception):
         return f"{self.message}: " + "; ".join(parts) + more
 
 
-def problem(field: str, kind: str, message: str, value: Any = None, expected: str | None = None) -> dict:
+def problem(
+    field: str | tuple[str, int, str], kind: str, message: str, value: Any = None, expected: str | None = None
+) -> dict:
+    """``field`` may be ``(where, row, name)``: the path text is only built when there is a problem."""
+    if isinstance(field, tuple):
+        field = f"{field[0]}[{field[1]}].{field[2]}"
     out: dict[str, Any] = {"field": field, "kind": kind, "message": message}
     if value is not None:
         out["value"] = _short(value)

@@ -20,7 +20,7 @@ from typing import Any
 
 MASML = str(Path(sys.executable).with_name("masml"))
 REPO = Path(__file__).resolve().parents[1]
-TINY = "tuning:\n  n_trials: 2\n  max_rounds: 120\nn_boot: 50\nfolds: 3\n"
+TINY = "tuning:\n  n_trials: 1\n  max_rounds: 60\nn_boot: 20\nfolds: 3\n"
 BLOCKED = ("masml", "pipelines", "xgboost", "sklearn", "shap", "mlflow")
 
 # Runs `python -m serve` with a meta-path finder that refuses the training stack.
@@ -49,7 +49,7 @@ def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
     (root / "tiny.yaml").write_text(TINY)
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     for args in (
-        ["cohort", "--n", "3000", "--seed", "1", "--out", str(data)],
+        ["cohort", "--n", "2000", "--seed", "1", "--out", str(data)],
         [
             "train",
             "onset",
