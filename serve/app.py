@@ -35,7 +35,7 @@ from serve import __version__
 from serve.bundles import Model, Snapshot, load_folder
 from serve.metrics import Metrics
 from serve.openapi import build_spec
-from serve.problems import Problems, problem
+from serve.problems import Problems, invalid, problem
 from serve.security import Audit, Keys, digest
 
 log = logging.getLogger("serve")
@@ -315,17 +315,8 @@ def _model(state: State, name: str, ctx: dict) -> Model:
 
 def _object(body: Any, allowed: set[str], where: str = "body") -> dict:
     if not isinstance(body, dict):
-        raise Problems(
-            422,
-            "invalid input",
-            [
-                problem(
-                    where,
-                    "type",
-                    "the body must be a JSON object",
-                    expected=f"an object with {sorted(allowed)}",
-                )
-            ],
+        raise invalid(
+            where, "type", "the body must be a JSON object", expected=f"an object with {sorted(allowed)}"
         )
     extra = sorted(set(body) - allowed)
     if extra:
@@ -475,11 +466,7 @@ async def predict(request: Request, state: State, ctx: dict) -> Response:
     if isinstance(patients, list):
         _batch_size_ok(len(patients), state, "patients")
     elif "patients" not in body:
-        raise Problems(
-            422,
-            "invalid input",
-            [problem("patients", "required", "'patients' is required", expected="a list of patient objects")],
-        )
+        raise invalid("patients", "required", "'patients' is required", expected="a list of patient objects")
     x64, ids = model.encoder.encode(patients, "patients")
     outputs, flags = await _score(state, model, x64, ctx, "predict")
     cols = {k: v.tolist() for k, v in outputs.items()}
@@ -535,17 +522,11 @@ async def invocations(request: Request, state: State, ctx: dict) -> Response:
     body = _object(body, formats | {"params"})
     given = [k for k in formats if k in body]
     if len(given) != 1:
-        raise Problems(
-            422,
-            "invalid input",
-            [
-                problem(
-                    "body",
-                    "format",
-                    "exactly one of dataframe_split or dataframe_records is needed",
-                    expected=sorted(formats),
-                )
-            ],
+        raise invalid(
+            "body",
+            "format",
+            "exactly one of dataframe_split or dataframe_records is needed",
+            expected=sorted(formats),
         )
     if given[0] == "dataframe_records":
         where, patients = "dataframe_records", body["dataframe_records"]
@@ -566,17 +547,10 @@ def _split_to_records(split: Any) -> Any:
         or not isinstance(split.get("columns"), list)
         or not isinstance(split.get("data"), list)
     ):
-        raise Problems(
-            422,
-            "invalid input",
-            [
-                problem(
-                    where,
-                    "type",
-                    "dataframe_split must be an object with "
-                    "'columns' (list of names) and 'data' (list of rows)",
-                )
-            ],
+        raise invalid(
+            where,
+            "type",
+            "dataframe_split must be an object with 'columns' (list of names) and 'data' (list of rows)",
         )
     extra = sorted(set(split) - {"columns", "data", "index"})
     cols = split["columns"]

@@ -52,3 +52,10 @@ def _short(value: Any) -> Any:
         text = repr(value)
         return text[:80] + ("..." if len(text) > 80 else "")
     return value
+
+
+def invalid(
+    field: str, kind: str, message: str, value: Any = None, expected: str | None = None, status: int = 422
+) -> Problems:
+    """The one-problem case: a request that is wrong as a whole (not a list, empty, unknown format)."""
+    return Problems(status, "invalid input", [problem(field, kind, message, value=value, expected=expected)])
