@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from masml import card, evaluation, explain, onnx_export, plots, scores, tracking
+from masml import card, evaluation, explain, onnx_export, plots, scores, shap_export, tracking
 from masml.bundle import data_fingerprint, write_bundle
 from masml.cohort import truth_path_for
 from masml.config import Config, load_config
@@ -180,6 +180,15 @@ def run_risk_pipeline(
     )
     parity = onnx_export.parity_gate(onnx_model, model.booster, model.spec, model.calibrator, x_test)
     log(f"{task}: ONNX parity max |Δrisk| = {parity['max_abs_diff_risk']:.2e} over {parity['n_rows']:,} rows")
+    # ---- explainer: exact SHAP of the margin as a second graph, checked against shap.TreeExplainer
+    explainer, explainer_section = shap_export.explainer_to_onnx(model.booster, model.spec, config.inputs)
+    ex_parity = shap_export.explainer_parity_gate(
+        explainer, model.booster, model.spec, x_test[sample], model=onnx_model
+    )
+    parity["explainer"] = ex_parity
+    explainer_section["parity"] = {k: v for k, v in ex_parity.items() if k != "by_kind"}
+    log(f"{task}: explainer parity max |Δshap| = {ex_parity['max_abs_diff_contributions']:.2e}, additivity "
+        f"{ex_parity['max_abs_diff_additivity']:.2e} over {ex_parity['n_rows']:,} rows")  # fmt: skip
     model_row = comparison.set_index("model").loc["model"]
     label_text, horizon = LABEL_DEFINITION.get(config.label, (config.label, ""))
     manifest = {
@@ -216,9 +225,10 @@ def run_risk_pipeline(
         },
         "owner": config.owner,
         "contact": config.contact,
+        "explainer": explainer_section,
     }
     model_bytes = onnx_model.SerializeToString()
-    bundle_dir = write_bundle(out_dir, model_bytes, manifest)
+    bundle_dir = write_bundle(out_dir, model_bytes, manifest, explainer.SerializeToString())
     written = json.loads((bundle_dir / "manifest.json").read_text())
     result = RiskRunResult(bundle_dir, written, comparison, report, parity)
     result.extra = {
@@ -259,6 +269,8 @@ def _track(result, config, frame, model, x_test, y_test, model_bytes, subgroup_t
         mlflow.log_metrics(tracking.flat_metrics("test", result.manifest["metrics"]))
         mlflow.log_metric("cv_logloss", model.cv_logloss)
         mlflow.log_metric("parity_max_abs_diff", result.parity["max_abs_diff_risk"])
+        for key in ("contributions", "base_value", "additivity", "input_attribution"):
+            mlflow.log_metric(f"explainer_parity.{key}", result.parity["explainer"][f"max_abs_diff_{key}"])
         for _, row in result.comparison.iterrows():
             if np.isfinite(row.get("auroc", np.nan)):
                 mlflow.log_metric(f"compare.{row['model']}.auroc", float(row["auroc"]))

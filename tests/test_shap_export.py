@@ -51,7 +51,7 @@ def model(data):
 def gate(data, model):
     X, _, spec = data
     booster, explainer, _, scorer = model
-    return se.explainer_parity_gate(explainer, booster, spec, X[3500:3800], model=scorer)
+    return se.explainer_parity_gate(explainer, booster, spec, X[3500:3800], model=scorer, threshold_rows=1000)
 
 
 def session(m) -> ort.InferenceSession:
