@@ -135,3 +135,19 @@ def test_schemathesis_finds_no_server_error(models, tmp_path):
         assert "internal error" not in s.stderr()
     finally:
         s.stop()
+
+
+def test_admin_reload_reaches_every_worker(models, tmp_path):
+    """With --workers 2 the reload request lands on one worker; the others follow through the reload file."""
+    served = tmp_path / "models"
+    shutil.copytree(models / "onset", served / "onset")
+    s = Server(served, "--workers", "2", env={"MASML_SERVE_API_KEYS": f"{ADMIN}:admin"})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    try:
+        copy_bundle(served / "onset", served / "onset", version="w2")
+        assert call("POST", s.url("/admin/reload"), headers=admin)[0] == 200
+        time.sleep(1.5)  # workers poll the reload file every 0.5 s
+        seen = {call("GET", s.url("/v1/models"), headers=admin)[2]["models"][0]["version"] for _ in range(30)}
+        assert seen == {"w2"}
+    finally:
+        s.stop()
