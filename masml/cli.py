@@ -260,7 +260,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (off loopback: keys needed)."),
     port: int = typer.Option(8000, "--port"),
     workers: int = typer.Option(1, "--workers", min=1),
-    api_keys_file: Path | None = typer.Option(None, "--api-keys-file", help="KEY|sha256:HEX [role] lines."),
+    api_keys_file: Path | None = typer.Option(
+        None, "--api-keys-file", help="Lines 'KEY role' or 'sha256:HEX role' (role: user or admin)."
+    ),
     audit_log: Path | None = typer.Option(None, "--audit-log", help="Audit log file (JSON lines)."),
 ) -> None:
     """Start the scoring service (serve/, onnxruntime only) on every bundle in --models."""
