@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,9 +106,21 @@ def test_unknown_unit_is_a_clear_error(tmp_path):
     assert "fibrinogen" in r.stderr and "furlongs" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_main_job_generates_and_summarises_the_default_cohort(tmp_path):
-    r = run("main", "--n", "2000", "--data-dir", str(tmp_path / "data"))
-    assert r.returncode == 0, r.stderr
+def test_main_job_generates_the_cohort_and_trains_every_model(tmp_path):
+    """The README's main job, on a small cohort with tiny tuning budgets (same code path, less time)."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    tiny = "tuning:\n  n_trials: 1\n  max_rounds: 60\nn_boot: 50\nfolds: 2\n"
+    for task in ("onset", "icu", "il1_benefit"):
+        (configs / f"{task}.yaml").write_text(tiny)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = ["main", "--n", "3000", "--data-dir", "data", "--models-dir", "models"]
+    args += ["--config-dir", str(configs)]
+    r = subprocess.run([MASML, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "data" / "cohort.parquet").exists()
     assert (tmp_path / "data" / "cohort.truth.parquet").exists()
     assert "MAS (present or within 7 days)" in r.stdout
+    for task in ("onset", "icu", "il1_benefit"):
+        assert (tmp_path / "models" / task / "model.onnx").is_file(), task
+    assert "onset: held-out performance" in r.stdout and "ceiling" in r.stdout
