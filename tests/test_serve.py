@@ -286,7 +286,9 @@ def test_open_inference_protocol_with_tritonclient(server, bundle, frame):
     x = encode_inputs(frame.head(20), [i["name"] for i in manifest["inputs"]])
     client = th.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("onset")
+    assert client.get_server_metadata()["name"] == "masml-serve"
     meta = client.get_model_metadata("onset")
+    assert client.is_model_ready("onset", model_version=meta["versions"][0])
     assert meta["inputs"][0] == {"name": "inputs", "datatype": "FP32", "shape": [-1, x.shape[1]]}
     expected = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes()).run(["risk"], {"inputs": x})[0]
     lows = np.array([i["low"] or 0 for i in manifest["inputs"]], dtype=np.float32)
@@ -299,7 +301,7 @@ def test_open_inference_protocol_with_tritonclient(server, bundle, frame):
         assert res.get_response()["id"] == f"req-{binary}"
         if binary:
             assert np.array_equal(res.as_numpy("risk"), expected.reshape(-1))
-    res = client.infer("onset", [inp])  # no outputs named: every output, binary
+    res = client.infer("onset", [inp], model_version=meta["versions"][0])  # every output, binary
     assert res.as_numpy("risk").shape == (20,)
     bad = th.InferInput("inputs", [1, x.shape[1]], "FP32")
     bad.set_data_from_numpy(np.full((1, x.shape[1]), 1e9, dtype=np.float32))
