@@ -129,6 +129,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "owner": "masml maintainers",
         "contact": "",
         "tuning": {"n_trials": 30},
+        # Platt, not isotonic: the ICU model calibrates on ~4,500 MAS patients, where isotonic's step
+        # function follows noise. Measured on the default cohort (held-out 1,514): isotonic ECE 0.032,
+        # ECE vs the true probabilities 0.014; Platt ECE 0.018, vs truth 0.006, slope 1.03.
+        "calibration": "platt",
     },
     # IL-1 blockade benefit (issue 4): the label is the outcome (death within 28 days); the treatment
     # column is fixed (treatment_il1). Three nuisance models are tuned (untreated and treated outcome,
