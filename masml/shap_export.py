@@ -238,13 +238,13 @@ def _explain_graph(g: _Graph, tb: _Tables, features: str, n_features: int) -> st
     pat = _columns(g, pattern, tb.entry_leaf, "shap_entry_pattern")
     kept = g.op("BitwiseAnd", [pat, c("shap_entry_keep", tb.entry_keep, np.int32)], "shap_entry_kept")
     index = g.op("Add", [kept, c("shap_entry_offset", tb.entry_offset, np.int32)], "shap_entry_index")
-    # the table as a column [T, 1], the indices as [N*P, 1]: GatherElements along axis 0
-    column = c("shap_column_shape", [-1, 1], np.int64)
-    flat = g.op("Reshape", [index, column], "shap_entry_index_col")
-    h_col = g.op(
-        "GatherElements", [c("shap_table", tb.table[:, None], np.float32), flat], "shap_entry_h_col", axis=0
+    # the table as one row [1, T] and all rows' indices as one row [1, N*P]: GatherElements along axis 1
+    # (6x faster in onnxruntime than a [T, 1] column along axis 0, and 10x faster than Gather)
+    flat = g.op("Reshape", [index, c("shap_one_row", [1, -1], np.int64)], "shap_entry_index_row")
+    h_row = g.op(
+        "GatherElements", [c("shap_table", tb.table[None, :], np.float32), flat], "shap_entry_h_row", axis=1
     )
-    h = g.op("Reshape", [h_col, g.op("Shape", [pat], "shap_entry_shape")], "shap_entry_h")
+    h = g.op("Reshape", [h_row, g.op("Shape", [pat], "shap_entry_shape")], "shap_entry_h")
     mask = c("shap_entry_mask", tb.entry_mask, np.int32)
     own = g.op("Equal", [g.op("BitwiseAnd", [pat, mask], "shap_entry_own"), mask], "shap_entry_met")
     coef = g.op("Where", [own, c("shap_entry_one", tb.entry_one, np.float32),
@@ -375,8 +375,8 @@ def reference_shap(booster, features: np.ndarray, names: Sequence[str], n_rounds
     return np.asarray(expl.values, np.float64), np.asarray(expl.base_values, np.float64).reshape(-1)
 
 
-def run_explainer(sess, rows: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
-    """Run the explainer in batches (its intermediates are ~1 MB per row for 300 trees of depth 6)."""
+def run_explainer(sess, rows: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    """Run the explainer in batches: its intermediates take ~2 MB per row for 300 trees of depth 6."""
     names = [CONTRIBUTIONS, INPUT_CONTRIBUTIONS, BASE_VALUE, MARGIN]
     got = [o.name for o in sess.get_outputs()]
     if sorted(got) != sorted(names):
