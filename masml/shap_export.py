@@ -85,11 +85,11 @@ class _Tables:
     cond_left: np.ndarray  # bool [L*D]: the condition holds when the row goes left at that node
     cond_bit: np.ndarray  # int32 [L*D]: 2^c, 0 for padding
     depth: int  # D: the longest root-to-leaf path
-    table: np.ndarray  # float32 [L * 2^D]: H of each leaf at each condition pattern
+    table: np.ndarray  # float32 [sum over leaves of 2^(path length)]: H at each condition pattern
     entry_leaf: np.ndarray  # int64 [P]: the leaf of each (leaf, feature) pair
     entry_keep: np.ndarray  # int32 [P]: condition bits of the other features
     entry_mask: np.ndarray  # int32 [P]: condition bits of this feature
-    entry_offset: np.ndarray  # int32 [P]: leaf * 2^D (start of the leaf's table)
+    entry_offset: np.ndarray  # int32 [P]: where the leaf's table starts
     entry_one: np.ndarray  # float32 [P]: v (1 - z) / z, used when the row meets the feature's conditions
     entry_zero: np.ndarray  # float32 [P]: -v, used when it does not
     entry_feature: np.ndarray  # int64 [P]: model feature index
@@ -150,17 +150,18 @@ def _tables(forest: _Forest) -> _Tables:
     if depth == 0:
         raise ValueError("every tree is a single leaf: the model has no splits, so nothing to explain")
     n_leaves = len(paths)
-    if n_leaves * (1 << depth) > MAX_TABLE_ENTRIES:
+    size = sum(1 << len(p) for _, p in paths)
+    if size > MAX_TABLE_ENTRIES:
         raise ValueError(
-            f"explainer tables would hold {n_leaves} leaves x 2^{depth} patterns: too large for this "
-            f"method (limit {MAX_TABLE_ENTRIES:,} entries); use shallower trees"
+            f"explainer tables would hold {size:,} entries ({n_leaves} leaves, paths up to {depth} splits): "
+            f"too large for this method (limit {MAX_TABLE_ENTRIES:,}); use shallower trees"
         )
     cond_node = np.zeros((n_leaves, depth), np.int64)
     cond_left = np.zeros((n_leaves, depth), bool)
     cond_bit = np.zeros((n_leaves, depth), np.int32)
-    table = np.zeros((n_leaves, 1 << depth), np.float64)
-    entries: list[tuple[int, int, int, float, float, int]] = []
-    full = (1 << depth) - 1
+    tables: list[np.ndarray] = []  # a leaf at depth d has 2^d condition patterns (padding bits are 0)
+    entries: list[tuple[int, int, int, float, float, int, int]] = []
+    starts = np.cumsum([0] + [1 << len(p) for _, p in paths])
     for leaf, (v, path) in enumerate(paths):
         features: list[int] = []  # distinct features in path order
         for c, (node, left, feature, _) in enumerate(path):
@@ -171,10 +172,11 @@ def _tables(forest: _Forest) -> _Tables:
             [sum(1 << c for c, step in enumerate(path) if step[2] == f) for f in features], np.int64
         )
         z = np.array([np.prod([step[3] for step in path if step[2] == f]) for f in features])
-        table[leaf] = _leaf_table(z, masks, depth)
+        tables.append(_leaf_table(z, masks, len(path)))
+        full = (1 << len(path)) - 1
         for f, m, zk in zip(features, masks, z, strict=True):
-            entries.append((leaf, full & ~int(m), int(m), v * (1.0 - zk) / zk, -v, f))
-    e = list(zip(*entries, strict=True)) if entries else [[] for _ in range(6)]
+            entries.append((leaf, full & ~int(m), int(m), v * (1.0 - zk) / zk, -v, f, int(starts[leaf])))
+    e = list(zip(*entries, strict=True)) if entries else [[] for _ in range(7)]
     return _Tables(
         node_feature=np.concatenate([t.feature[~t.is_leaf] for t in forest.trees]).astype(np.int64),
         node_threshold=np.concatenate([t.threshold[~t.is_leaf] for t in forest.trees]).astype(np.float32),
@@ -183,11 +185,11 @@ def _tables(forest: _Forest) -> _Tables:
         cond_left=cond_left.reshape(-1),
         cond_bit=cond_bit.reshape(-1),
         depth=depth,
-        table=table.reshape(-1).astype(np.float32),
+        table=np.concatenate(tables).astype(np.float32),
         entry_leaf=np.asarray(e[0], np.int64),
         entry_keep=np.asarray(e[1], np.int32),
         entry_mask=np.asarray(e[2], np.int32),
-        entry_offset=(np.asarray(e[0], np.int64) << depth).astype(np.int32),
+        entry_offset=np.asarray(e[6], np.int32),
         entry_one=np.asarray(e[3], np.float32),
         entry_zero=np.asarray(e[4], np.float32),
         entry_feature=np.asarray(e[5], np.int64),
