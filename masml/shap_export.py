@@ -17,8 +17,9 @@ z_k (product over the feature's conditions of cover(child) / cover(parent)). Wit
     phi_i = v * (o_i - z_i) / z_i * H(O \\ {i}),   O = {k : o_k = 1},
 
 (every term of H(O \\ {i}) holds the factor z_i, so the division is exact algebra). H is tabulated once
-per leaf over all 2^D patterns of the path's *conditions* (so that repeated features need no merging
-at run time), and explaining a row is: decide every split, form each leaf's condition bit pattern,
+per leaf over all 2^d patterns of its d path *conditions* (so that repeated features need no merging
+at run time; Yang's tables are over merged features, which here cost a broadcast that onnxruntime runs
+slowly), and explaining a row is: decide every split, form each leaf's condition bit pattern,
 gather H at the pattern with feature i's bits cleared, multiply by a per-(leaf, feature) coefficient
 chosen by o_i, and scatter-add into the feature's column. The per-leaf work is O(D) instead of
 TreeSHAP's O(D^2) and has no data-dependent control flow.

@@ -139,6 +139,7 @@ def test_gate_fails_on_a_corrupted_table(data, model):
 def test_same_booster_gives_identical_explainer_bytes(model, data):
     _, _, spec = data
     booster, explainer, section, _ = model
+    onnx.checker.check_model(explainer, full_check=True)
     again, section_again = se.explainer_to_onnx(booster, spec, NAMES)
     assert again.SerializeToString() == explainer.SerializeToString()
     assert json.dumps(section_again, sort_keys=True) == json.dumps(section, sort_keys=True)
