@@ -190,7 +190,7 @@ def _print_benefit(result) -> None:
     table = Table(title="il1_benefit: held-out summary", show_header=False)
     ate = r["ate_aipw"]
     rows = [
-        ("learner (chosen by out-of-fold DR loss)", r["selection"]["chosen"]),
+        ("learner (out-of-fold DR loss, one-SE rule)", r["selection"]["chosen"]),
         ("AIPW average benefit [95% CI]", _ci(ate)),
         ("outside overlap (held-out)", f"{r['overlap']['test']['n_outside']} of {r['overlap']['test']['n']}"),
         ("calibration slope (BLP)", _cell(r["calibration_slope"])),

@@ -146,7 +146,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "registered_model": "masml-il1-benefit",
         "owner": "masml maintainers",
         "contact": "",
-        "tuning": {"n_trials": 6, "max_rounds": 600},
+        "tuning": {"n_trials": 4, "max_rounds": 600},
     },
 }
 

@@ -243,7 +243,7 @@ def run_il1_benefit_pipeline(
         "contact": config.contact,
     }
     model_bytes = onnx_model.SerializeToString()
-    bundle_dir = write_bundle(out_dir, model_bytes, json.loads(json.dumps(manifest, default=_jsonable)))
+    bundle_dir = write_bundle(out_dir, model_bytes, _finite(manifest))
     written = json.loads((bundle_dir / "manifest.json").read_text())
     result = BenefitRunResult(bundle_dir, written, report, parity, selection.losses)
     result.extra = {
@@ -264,12 +264,20 @@ def run_il1_benefit_pipeline(
     return result
 
 
-def _jsonable(v):
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return None if not np.isfinite(v) else float(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+def _finite(obj):
+    """A JSON-ready copy: numpy scalars as Python numbers, NaN/inf as null (a manifest is strict JSON;
+    e.g. the correlation of a constant benefit with the truth is undefined)."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def _graph_benefit(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -309,7 +317,7 @@ def _track(result, config, frame, model_bytes, e, t_test, tau, phi, test, balanc
                 mlflow.log_artifact(str(path), "plots")
             balance.to_csv(tmp / "balance.csv", index=False)
             result.selection.to_csv(tmp / "selection.csv", index=False)
-            (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=_jsonable))
+            (tmp / "report.json").write_text(json.dumps(_finite(result.report), indent=2))
             for name in ("balance.csv", "selection.csv", "report.json"):
                 mlflow.log_artifact(str(tmp / name), "evaluation")
         mlflow.log_artifacts(str(result.bundle_dir), "bundle")

@@ -379,3 +379,11 @@ def test_cli_train_reports_a_bad_config_without_a_traceback(workspace, tmp_path)
 def test_manifest_round_trips_as_strict_json(run):
     text = (run.bundle_dir / "manifest.json").read_text()
     assert "NaN" not in text and json.loads(text)["guardrails"] == run.manifest["guardrails"]
+
+
+def test_manifest_values_are_made_strict_json():
+    from pipelines.il1_benefit import _finite
+
+    got = _finite({"a": np.nan, "b": [np.float32(1.5), np.int64(2), np.inf], "c": np.bool_(True)})
+    assert got == {"a": None, "b": [1.5, 2, None], "c": True}
+    json.dumps(got, allow_nan=False)
