@@ -70,6 +70,11 @@ def test_bundle_holds_graph_and_a_complete_manifest(onset_run):
     assert ferritin["unit"] == "ng/mL" and ferritin["low"] == 1
     assert manifest["training_data"]["synthetic"] is True
     assert {"onnx", "onnxruntime", "masml", "xgboost"} <= set(manifest["versions"])
+    # the explainer ships beside the model, checked at export and pinned by its own sha256
+    explainer = bundle / manifest["explainer"]["file"]
+    assert hashlib.sha256(explainer.read_bytes()).hexdigest() == manifest["explainer"]["sha256"]
+    assert manifest["explainer"]["parity"]["max_abs_diff_contributions"] <= 1e-4
+    assert manifest["explainer"]["input_names"] == names
 
 
 def test_export_passed_the_parity_gate(onset_run):
