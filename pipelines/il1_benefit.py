@@ -21,6 +21,7 @@ import pandas as pd
 
 from masml import causal, causal_plots, guardrails, tracking
 from masml.bundle import data_fingerprint, write_bundle
+from masml.card import _clean
 from masml.cohort import truth_path_for
 from masml.config import Config, ConfigError, load_config
 from masml.encoding import encode_inputs, input_spec
@@ -264,20 +265,9 @@ def run_il1_benefit_pipeline(
     return result
 
 
-def _finite(obj):
-    """A JSON-ready copy: numpy scalars as Python numbers, NaN/inf as null (a manifest is strict JSON;
-    e.g. the correlation of a constant benefit with the truth is undefined)."""
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj) if np.isfinite(obj) else None
-    return obj
+# A JSON-ready copy (numpy scalars as Python numbers, NaN/inf as null): a manifest is strict JSON, and
+# e.g. the correlation of a constant benefit with the truth is undefined. The model card's helper.
+_finite = _clean
 
 
 def _graph_benefit(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
