@@ -345,32 +345,41 @@ def select_learner(
     ridge_loss = {lam: float(np.mean((phi - p) ** 2)) for lam, p in ridge_oof.items()}
     best_lam = min(RIDGE_LAMBDAS, key=lambda lam: (ridge_loss[lam], lam))
     oof["dr_ridge"] = ridge_oof[best_lam]
+    sq = {name: (phi - oof[name]) ** 2 for name in LEARNERS}
+    losses, chosen, best = one_se_choice(sq)
     ec = np.clip(e, *config.overlap)
     m = ec * r1 + (1 - ec) * r0  # outcome regression marginal over treatment
-    sq = {name: (phi - oof[name]) ** 2 for name in LEARNERS}
-    best = min(LEARNERS, key=lambda name: float(np.mean(sq[name])))
+    # R-loss on the death scale: the effect of treatment on death is -benefit.
+    losses["r_loss"] = [float(np.mean(((y - m) - (t - ec) * (-oof[name])) ** 2)) for name in LEARNERS]
+    return Selection(losses=losses, chosen=chosen, best=best, ridge_lambda=best_lam, oof=oof)
+
+
+def one_se_choice(sq: dict[str, np.ndarray]) -> tuple[pd.DataFrame, str, str]:
+    """Per-patient squared errors per learner (in ``LEARNERS`` order, simplest first) -> the loss table,
+    the chosen learner and the one with the lowest loss.
+
+    One-standard-error rule (Hastie, Tibshirani & Friedman, Elements of Statistical Learning, 2nd ed.,
+    section 7.10): the simplest learner whose mean loss is within one SE of the best one's; the SE is that
+    of the paired per-patient difference. Pseudo-outcomes are very noisy, and on small samples the noise
+    alone can make a flexible learner look best.
+    """
+    names = list(sq)
+    best = min(names, key=lambda name: float(np.mean(sq[name])))
     rows = []
-    for name in LEARNERS:
-        diff = sq[name] - sq[best]  # paired per patient: the SE of a loss difference, not of a loss
-        se = float(np.std(diff, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-        # R-loss on the death scale: the effect of treatment on death is -benefit.
-        r_loss = float(np.mean(((y - m) - (t - ec) * (-oof[name])) ** 2))
+    for name in names:
+        diff = sq[name] - sq[best]
+        n = len(diff)
         rows.append(
             {
                 "learner": name,
                 "dr_loss": float(np.mean(sq[name])),
                 "dr_loss_minus_best": float(np.mean(diff)),
-                "se_of_difference": se,
-                "r_loss": r_loss,
+                "se_of_difference": float(np.std(diff, ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
             }
         )
     losses = pd.DataFrame(rows)
-    # One-standard-error rule (Hastie, Tibshirani & Friedman, Elements of Statistical Learning, 2nd ed.,
-    # section 7.10): the simplest learner whose loss is within one SE of the best one's. Pseudo-outcomes
-    # are very noisy, and on small samples the noise alone can make a flexible learner look best.
     within = losses["dr_loss_minus_best"] <= losses["se_of_difference"]
-    chosen = str(losses.loc[within, "learner"].iloc[0])
-    return Selection(losses=losses, chosen=chosen, best=best, ridge_lambda=best_lam, oof=oof)
+    return losses, str(losses.loc[within, "learner"].iloc[0]), best
 
 
 def _x_learner_fit(f, y, t, r0, r1, seed: int):
@@ -551,6 +560,27 @@ def uplift_metrics(tau: np.ndarray, phi: np.ndarray, n_boot: int = 1000, seed: i
         name: {"estimate": float(point[j]), "ci_low": float(lo[j]), "ci_high": float(hi[j])}
         for j, name in enumerate(("autoc", "qini", "auuc"))
     }
+
+
+def benefit_by_group(tau: np.ndarray, phi: np.ndarray, group: np.ndarray, truth=None) -> pd.DataFrame:
+    """Per group (e.g. trigger family): patients, mean predicted benefit, observed DR effect with its CI,
+    and the mean true benefit when the data carries it: where the model's heterogeneity comes from."""
+    rows = []
+    for level in sorted({str(g) for g in group}):
+        m = np.asarray([str(g) == level for g in group])
+        obs = aipw(phi[m])
+        row = {
+            "group": level,
+            "n": int(m.sum()),
+            "predicted": float(np.mean(tau[m])),
+            "observed": obs["estimate"],
+            "observed_ci_low": obs["ci_low"],
+            "observed_ci_high": obs["ci_high"],
+        }
+        if truth is not None:
+            row["true"] = float(np.mean(np.asarray(truth, float)[m]))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def policy_value_dr(tau: np.ndarray, y: np.ndarray, t: np.ndarray, r0, r1, e, bounds) -> dict[str, float]:

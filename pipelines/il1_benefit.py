@@ -29,6 +29,7 @@ from masml.features import feature_names
 from masml.io import load_dataset, read_table
 from masml.onnx_benefit import OUTPUTS, benefit_model_to_onnx, benefit_parity_gate
 from masml.predict import onnx_session
+from masml.schema import TRIGGER_FAMILY
 from masml.training import TrainingDataError, select_population, split_holdout
 
 TASK = "il1_benefit"
@@ -168,9 +169,13 @@ def run_il1_benefit_pipeline(
         },
         "arms": arms,
     }
+    truth = _truth_for(data_path, pop)
+    family = test["trigger"].map(TRIGGER_FAMILY).to_numpy()
+    true_tau = truth["true_benefit"].to_numpy()[test_idx] if truth is not None else None
+    by_family = causal.benefit_by_group(tau, phi, family, true_tau)
+    report["benefit_by_trigger_family"] = by_family.to_dict(orient="records")
     ate = report["ate_aipw"]
     log(f"{TASK}: AIPW average benefit {ate['estimate']:+.4f} [{ate['ci_low']:+.4f}, {ate['ci_high']:+.4f}]")
-    truth = _truth_for(data_path, pop)
     if truth is not None:
         report["truth"] = causal.truth_metrics(tau, truth.iloc[test_idx], float(phi_train.mean()))
         tr = report["truth"]
@@ -229,6 +234,7 @@ def run_il1_benefit_pipeline(
             "policy_dr_deaths_per_100": report["policy_dr_deaths_per_100"],
             "patients_outside_overlap": overlap_test["n_outside"],
             "guardrails_fired_test": fired,
+            "benefit_by_trigger_family": report["benefit_by_trigger_family"],
             **({"truth": report["truth"]} if truth is not None else {}),
         },
         "training_data": {

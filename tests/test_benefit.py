@@ -106,6 +106,21 @@ def test_truth_metrics_rate_the_constant_at_one_and_the_truth_at_zero():
     assert d["true_benefit"] <= min(d["treat_all"], d["treat_none"])
 
 
+def test_one_se_rule_prefers_the_simpler_learner_unless_the_gain_is_clear():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 1, 2_000) ** 2
+    tiny_gain = {
+        "constant": noise + 0.001 + np.tile([0.3, -0.3], 1_000),  # mean gain 0.001, SE ~0.007
+        "dr_ridge": noise,
+        "dr_forest": noise + np.abs(rng.normal(0, 0.5, 2_000)),
+    }
+    losses, chosen, best = causal.one_se_choice(tiny_gain)
+    assert (chosen, best) == ("constant", "dr_ridge")  # a 0.001 gain is inside one SE
+    clear_gain = {"constant": noise + 0.5, "dr_ridge": noise}
+    assert causal.one_se_choice(clear_gain)[1] == "dr_ridge"
+    assert list(losses["learner"]) == ["constant", "dr_ridge", "dr_forest"]
+
+
 def test_overlap_report_counts_and_warns():
     e = np.r_[np.full(80, 0.5), np.full(15, 0.05), np.full(5, 0.95)]
     t = np.r_[np.zeros(50), np.ones(50)]
@@ -217,7 +232,7 @@ def test_bundle_manifest_carries_outputs_guardrails_and_method(run):
     assert m["method"]["learner"] in causal.LEARNERS
     assert set(run.selection["learner"]) == set(causal.LEARNERS)
     assert run.selection["dr_loss"].notna().all()
-    for key in ("ate_aipw", "ate_aipw_trimmed", "autoc", "qini", "truth"):
+    for key in ("ate_aipw", "ate_aipw_trimmed", "autoc", "qini", "truth", "benefit_by_trigger_family"):
         assert key in m["metrics"], key
     ate = m["metrics"]["ate_aipw"]
     assert ate["ci_low"] < ate["estimate"] < ate["ci_high"]
