@@ -145,42 +145,15 @@ def data_description(frame: pd.DataFrame, inputs: Sequence[str], label: str) -> 
     }
 
 
-def card_content(
-    *,
-    manifest: Mapping,
-    config: Any,
-    population: Any,
-    train: pd.DataFrame,
-    test: pd.DataFrame,
-    comparison: pd.DataFrame,
-    report: Mapping,
-    subgroups: pd.DataFrame,
-    importance: pd.DataFrame,
-    figures: Mapping[str, bytes],
-    run: Mapping[str, str],
-    units_file: str | None = None,
-) -> dict:
-    """Everything the card says, as JSON-ready data taken from the run (no number is typed by hand)."""
-    task = manifest["task"]
-    synthetic = bool(manifest["training_data"].get("synthetic"))
-    algorithm = (
-        f"XGBoost gradient-boosted trees ({run.get('n_trees', '?')} trees), hyper-parameters tuned "
-        f"with optuna (TPE, {config.tuning.n_trials} trials, {config.folds}-fold cross-validation grouped by "
-        f"patient, early stopping), {config.calibration} calibration fitted on out-of-fold predictions. "
-        "Missing values stay missing: the trees learn a default direction for them."
-    )
-    present = {t["level"] for t in data_description(train, config.inputs, config.label)["trigger"]}
+def _common(*, manifest, config, population, train, test, run, units_file, algorithm, limitations) -> dict:
+    """The sections every card has, risk or benefit model alike."""
     from masml.schema import COLUMNS
 
+    task = manifest["task"]
+    synthetic = bool(manifest["training_data"].get("synthetic"))
+    present = {t["level"] for t in data_description(train, config.inputs, config.label)["trigger"]}
     absent = [c for c in (COLUMNS["trigger"].categories or ()) if c not in present]
-    threshold_rows = [r for r in report.get("threshold_metrics", [])]
-    model_row = comparison.set_index("model").loc["model"]
-    warnings = [
-        {"group": r["group"], "level": r["level"], "warning": r["warning"]}
-        for _, r in subgroups.iterrows()
-        if str(r.get("warning") or "")
-    ]
-    card = {
+    return {
         "card_format": CARD_FORMAT,
         "title": f"Model card: {manifest['model_name']} ({task})",
         "synthetic_data": synthetic,
@@ -228,63 +201,20 @@ def card_content(
                 "rows_in": population.rows_in,
                 "skipped_outside_population": population.skipped_outside_population,
                 "skipped_label_missing": population.skipped_label_missing,
-                "rows_used": population.rows_used,
-                "events": population.events,
+                "rows_used": int(len(train) + len(test)),
+                "events": int((pd.to_numeric(train[config.label]) == 1).sum()
+                              + (pd.to_numeric(test[config.label]) == 1).sum()),
                 "train_rows": int(len(train)),
                 "test_rows": int(len(test)),
-                "split": f"held-out {config.test_size:.0%} stratified by the label and grouped by patient_id "
+                "split": f"held-out {config.test_size:.0%} stratified and grouped by patient_id "
                 f"(seed {config.seed}); tuning and calibration used the training part only",
             },
             "training": data_description(train, config.inputs, config.label),
             "evaluation": data_description(test, config.inputs, config.label),
-            "inputs": [
-                {"name": i["name"], "unit": i["unit"], "description": i["description"]}
-                for i in manifest["inputs"]
-            ],
+            "inputs": [{"name": i["name"], "unit": i["unit"], "description": i["description"]}
+                       for i in manifest["inputs"]],  # fmt: skip
         },
-        "performance": {
-            "test_rows": int(len(test)),
-            "comparison": comparison.to_dict(orient="records"),
-            "model": {
-                k: model_row.get(k)
-                for k in (
-                    "auroc",
-                    "auroc_lo",
-                    "auroc_hi",
-                    "auprc",
-                    "auprc_lo",
-                    "auprc_hi",
-                    "brier",
-                    "calibration_slope",
-                    "calibration_intercept",
-                    "ece",
-                    "ece_floor",
-                    "ece_vs_truth",
-                    "auroc_diff",
-                )
-                if k in model_row
-            },
-            "calibration": {k: report[k] for k in ("calibration_intercept", "calibration_slope")},
-            "thresholds": threshold_rows,
-            "threshold_choice": "set in the config (thresholds); masml does not choose them: the decision "
-            "curve shows the range of threshold probabilities over which the model adds net benefit",
-            "figures": {
-                name: _png_data_uri(figures[name]) for name in PERFORMANCE_FIGURES if name in figures
-            },
-        },
-        "subgroups": {
-            "table": subgroups.to_dict(orient="records"),
-            "warnings": warnings,
-            "method": "fairlearn MetricFrame per grouping; AUROC with stratified bootstrap 95% CIs; "
-            "'small group' under 100 patients or 20 events; 'worse' when the AUROC's upper bound is below "
-            "the overall AUROC or observed minus expected risk exceeds 5 percentage points",
-        },
-        "explanations": {
-            "top_features": importance.head(10).to_dict(orient="records"),
-            "figure": _png_data_uri(figures["shap_summary"]) if "shap_summary" in figures else None,
-            "limits": SHAP_LIMITS,
-        },
-        "limitations": _limitations(synthetic, absent, warnings, manifest),
+        "limitations": limitations + _limitations(synthetic, absent),
         "ethics": [
             "No personal data is used by masml's default cohort; a hospital retraining on its own data is "
             "the data controller and needs the approvals its jurisdiction requires (TRIPOD+AI 17).",
@@ -296,19 +226,133 @@ def card_content(
         "monitoring": list(MONITORING),
         "sign_off": list(SIGN_OFF),
     }
+
+
+def card_content(
+    *,
+    manifest: Mapping,
+    config: Any,
+    population: Any,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    comparison: pd.DataFrame,
+    report: Mapping,
+    subgroups: pd.DataFrame,
+    importance: pd.DataFrame,
+    figures: Mapping[str, bytes],
+    run: Mapping[str, Any],
+    units_file: str | None = None,
+) -> dict:
+    """A risk model's card: everything it says, as JSON-ready data taken from the run."""
+    algorithm = (
+        f"XGBoost gradient-boosted trees ({run.get('n_trees', '?')} trees), hyper-parameters tuned "
+        f"with optuna (TPE, {config.tuning.n_trials} trials, {config.folds}-fold cross-validation grouped by "
+        f"patient, early stopping), {config.calibration} calibration fitted on out-of-fold predictions. "
+        "Missing values stay missing: the trees learn a default direction for them."
+    )
+    model_row = comparison.set_index("model").loc["model"]
+    warnings = [
+        {"group": r["group"], "level": r["level"], "warning": r["warning"]}
+        for _, r in subgroups.iterrows()
+        if str(r.get("warning") or "")
+    ]
+    card = _common(
+        manifest=manifest, config=config, population=population, train=train, test=test, run=run,
+        units_file=units_file, algorithm=algorithm,
+        limitations=[f"Subgroup {w['group']} = {w['level']}: {w['warning']}." for w in warnings],
+    )  # fmt: skip
+    metric_keys = ("auroc", "auroc_lo", "auroc_hi", "auprc", "auprc_lo", "auprc_hi", "brier",
+                   "calibration_slope", "calibration_intercept", "ece", "ece_floor", "ece_vs_truth",
+                   "auroc_diff")  # fmt: skip
+    card["performance"] = {
+        "test_rows": int(len(test)),
+        "comparison": comparison.to_dict(orient="records"),
+        "model": {k: model_row.get(k) for k in metric_keys if k in model_row},
+        "calibration": {k: report[k] for k in ("calibration_intercept", "calibration_slope")},
+        "thresholds": list(report.get("threshold_metrics", [])),
+        "threshold_choice": "set in the config (thresholds); masml does not choose them: the decision "
+        "curve shows the range of threshold probabilities over which the model adds net benefit",
+        "figures": {name: _png_data_uri(figures[name]) for name in PERFORMANCE_FIGURES if name in figures},
+    }
+    card["subgroups"] = {
+        "table": subgroups.to_dict(orient="records"),
+        "warnings": warnings,
+        "method": "fairlearn MetricFrame per grouping; AUROC with stratified bootstrap 95% CIs; "
+        "'small group' under 100 patients or 20 events; 'worse' when the AUROC's upper bound is below "
+        "the overall AUROC or observed minus expected risk exceeds 5 percentage points",
+    }
+    card["explanations"] = {
+        "top_features": importance.head(10).to_dict(orient="records"),
+        "figure": _png_data_uri(figures["shap_summary"]) if "shap_summary" in figures else None,
+        "limits": SHAP_LIMITS,
+    }
     card["tripod_ai"] = tripod_ai(card)
     return _clean(card)
 
 
-def _limitations(synthetic: bool, absent: list[str], warnings: list[dict], manifest: Mapping) -> list[str]:
+BENEFIT_FIGURES = ("overlap", "balance", "benefit_by_trigger", "qini")
+
+
+def benefit_card_content(
+    *,
+    manifest: Mapping,
+    config: Any,
+    population: Any,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    report: Mapping,
+    figures: Mapping[str, bytes],
+    run: Mapping[str, Any],
+    units_file: str | None = None,
+) -> dict:
+    """The benefit model's card: the causal estimand, its assumptions, and how far to trust it."""
+    method = manifest.get("method", {})
+    algorithm = (
+        f"Causal (treatment-effect) model. {method.get('design', '')}. Learner chosen without ground truth: "
+        f"{method.get('learner', '?')} among {', '.join(method.get('candidates', []))} "
+        f"({method.get('selection', '')})."
+    )
+    overlap = report["overlap"]["test"]
+    card = _common(
+        manifest=manifest, config=config, population=population, train=train, test=test, run=run,
+        units_file=units_file, algorithm=algorithm,
+        limitations=[
+            *manifest.get("assumptions", []),
+            f"{overlap['n_outside']} of {overlap['n']} held-out patients lie outside the overlap region "
+            f"{overlap['bounds']}: their benefit estimates extrapolate.",
+            "No per-patient uncertainty interval is given for the benefit; the average effect has one.",
+        ],
+    )  # fmt: skip
+    card["benefit"] = {
+        "estimand": manifest.get("estimand"),
+        "assumptions": manifest.get("assumptions", []),
+        "treatment": manifest.get("treatment"),
+        "ate_aipw": report["ate_aipw"],
+        "ate_aipw_trimmed": report["ate_aipw_trimmed"],
+        "overlap": report["overlap"],
+        "balance": report["balance"],
+        "calibration_slope": report["calibration_slope"],
+        "calibration_groups": report["calibration_groups"],
+        "uplift": report["uplift"],
+        "policy_dr_deaths_per_100": report["policy_dr_deaths_per_100"],
+        "truth": report.get("truth"),
+        "by_trigger_family": report.get("benefit_by_trigger_family", []),
+        "selection": report["selection"],
+        "guardrails": manifest.get("guardrails", []),
+        "guardrails_fired_test": manifest["metrics"].get("guardrails_fired_test", {}),
+        "figures": {name: _png_data_uri(figures[name]) for name in BENEFIT_FIGURES if name in figures},
+    }
+    card["tripod_ai"] = tripod_ai(card)
+    return _clean(card)
+
+
+def _limitations(synthetic: bool, absent: list[str]) -> list[str]:
     out = []
     if synthetic:
         out.append("Trained and evaluated on simulated patients only; no external validation.")
     out.append("Internal validation only: one held-out split of the same data source.")
     if absent:
         out.append(f"Triggers absent from the training data: {', '.join(absent)}.")
-    for w in warnings:
-        out.append(f"Subgroup {w['group']} = {w['level']}: {w['warning']}.")
     out.append("Inputs are one snapshot; trends use only the previous ferritin and platelet values.")
     return out
 
@@ -367,6 +411,8 @@ def tripod_ai(card: Mapping) -> list[dict]:
     """The 27 TRIPOD+AI items, each with where the card answers it (or an honest 'not reported')."""
     out = []
     for item, topic, section in TRIPOD_ITEMS:
+        if section in ("performance", "subgroups") and section not in card and "benefit" in card:
+            section = "benefit"  # the benefit card answers these in its own section
         status = "not applicable" if section == "n/a" else ("reported" if section else "not reported")
         out.append(
             {
@@ -450,9 +496,141 @@ def _figure(uri: str, caption: str) -> str:
     return f'<figure><img alt="{_e(caption)}" src="{uri}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
+def _risk_sections(card: Mapping) -> list[str]:
+    perf = card["performance"]
+    parts: list[str] = []
+    cmp_cols = [
+        ("model", "model"),
+        ("rows", "n"),
+        ("auroc", "AUROC"),
+        ("auroc_lo", "lo"),
+        ("auroc_hi", "hi"),
+        ("auprc", "AUPRC"),
+        ("brier", "Brier"),
+        ("calibration_slope", "slope"),
+        ("calibration_intercept", "intercept"),
+        ("ece", "ECE"),
+        ("ece_floor", "ECE floor"),
+        ("ece_vs_truth", "ECE vs truth"),
+        ("auroc_diff", "Δ AUROC vs ceiling"),
+    ]
+    figs = "".join(
+        _figure(uri, name.replace("_", " ")) for name, uri in perf["figures"].items()
+    )
+    parts.append(
+        '<section id="performance"><h2>Performance on held-out patients</h2>'
+        "<p>The model beside the logistic-regression baseline, the clinical scores (on the patients each "
+        "applies to) and, for simulated data, the ceiling (the true probabilities). 95% CIs from a "
+        "stratified bootstrap. The ECE floor is the ECE a perfectly calibrated model would show on this many "
+        "patients.</p>"
+        + _table(perf["comparison"], cmp_cols)
+        + "<h3>At the configured thresholds</h3>"
+        + _table(
+            perf["thresholds"],
+            [
+                ("threshold", "threshold"),
+                ("sensitivity", "sensitivity"),
+                ("specificity", "specificity"),
+                ("ppv", "PPV"),
+                ("npv", "NPV"),
+                ("flagged_share", "flagged"),
+            ],
+        )
+        + f"<p class='muted'>{_e(perf['threshold_choice'])}</p>"
+        + f"<div class='figs'>{figs}</div></section>"
+    )
+    sub = card["subgroups"]
+    parts.append(
+        '<section id="subgroups"><h2>Subgroups</h2>'
+        + _table(
+            sub["table"],
+            [
+                ("group", "grouping"),
+                ("level", "group"),
+                ("n", "n"),
+                ("events", "events"),
+                ("auroc", "AUROC"),
+                ("auroc_lo", "lo"),
+                ("auroc_hi", "hi"),
+                ("o_minus_e", "observed − expected"),
+                ("warning", "warning"),
+            ],
+        )
+        + f"<p class='muted'>{_e(sub['method'])}</p></section>"
+    )
+    ex = card["explanations"]
+    parts.append(
+        '<section id="explanations"><h2>Explanations (SHAP)</h2>'
+        + _table(ex["top_features"], [("feature", "feature"), ("mean_abs_shap", "mean |SHAP| (log-odds)")])
+        + (
+            _figure(ex["figure"], "SHAP summary")
+            if ex.get("figure")
+            else ""
+        )
+        + f"<p>{_e(ex['limits'])}</p></section>"
+    )
+    return parts
+
+
+def _benefit_sections(card: Mapping) -> list[str]:
+    """Estimand and assumptions, overlap and balance, average effect, calibration, ranking, policies."""
+    b = card["benefit"]
+    ate, trimmed = b["ate_aipw"], b["ate_aipw_trimmed"]
+    figs = "".join(_figure(uri, name.replace("_", " ")) for name, uri in b["figures"].items())
+    ov = b["overlap"]
+    dr_policy = b["policy_dr_deaths_per_100"]
+    policy = [{"policy": k.replace("_", " "), "deaths_per_100": v} for k, v in dr_policy.items()
+              if k != "share_treated_by_model"]  # fmt: skip
+    family = b["by_trigger_family"]
+    family_cols = [(k, k.replace("_", " ")) for k in (family[0].keys() if family else [])]
+    truth = b.get("truth") or {}
+    uplift = [{"metric": k, "estimate": v["estimate"], "ci_low": v["ci_low"], "ci_high": v["ci_high"]}
+              for k, v in b["uplift"].items()]  # fmt: skip
+    parts = [
+        '<section id="benefit"><h2>Benefit of IL-1 blockade</h2>'
+        f"<p><b>Estimand.</b> {_e(b['estimand'])}</p><h3>Assumptions</h3>" + _list(b["assumptions"])
+        + "<h3>Average effect on held-out patients</h3>"
+        + _kv([("AIPW average benefit [95% CI]", _ci(ate["estimate"], ate["ci_low"], ate["ci_high"])),
+               ("Within the overlap region [95% CI]",
+                _ci(trimmed["estimate"], trimmed["ci_low"], trimmed["ci_high"])),
+               ("Calibration slope of predicted benefit", b["calibration_slope"])])
+        + "<h3>Overlap and balance</h3>"
+        + _kv([("Overlap bounds (propensity)", ov["test"]["bounds"]),
+               ("Held-out patients outside", f"{ov['test']['n_outside']} of {ov['test']['n']}"),
+               ("Training patients outside", f"{ov['training']['n_outside']} of {ov['training']['n']}"),
+               ("Warning", ov["test"].get("warning") or "none"),
+               ("Max |SMD| before weighting", b["balance"]["max_abs_smd_before"]),
+               ("Max |SMD| after weighting", b["balance"]["max_abs_smd_after"])])
+        + "<h3>Calibration by predicted-benefit group</h3>"
+        + _table(b["calibration_groups"], [("group", "group"), ("n", "n"), ("predicted", "predicted"),
+                                           ("observed", "observed (DR)"), ("observed_ci_low", "lo"),
+                                           ("observed_ci_high", "hi")])
+        + "<h3>Ranking (Qini, RATE/TOC)</h3>"
+        + _table(uplift, [("metric", "metric"), ("estimate", "estimate"), ("ci_low", "lo"),
+                          ("ci_high", "hi")])
+        + "<h3>Policies: deaths per 100 patients (doubly robust estimate)</h3>"
+        + _table(policy, [("policy", "policy"), ("deaths_per_100", "deaths per 100")])
+        + (_kv([("PEHE (vs truth)", truth.get("pehe")), ("PEHE ratio vs constant", truth.get("pehe_ratio")),
+                ("Correlation with true benefit", truth.get("correlation"))])
+           + _table([{"policy": k.replace("_", " "), "deaths_per_100": v}
+                     for k, v in truth.get("deaths_per_100", {}).items()],
+                    [("policy", "policy (true outcomes)"), ("deaths_per_100", "deaths per 100")])
+           if truth else "")
+        + "<h3>By trigger family</h3>"
+        + _table(family, family_cols)
+        + "<h3>Guardrails returned with every prediction</h3>"
+        + _table([{"rule": g.get("id"), "message": g.get("message"), "kind": g.get("kind", ""),
+                   "fired_held_out": b["guardrails_fired_test"].get(g.get("id"))} for g in b["guardrails"]],
+                 [("rule", "rule"), ("message", "message"), ("kind", "kind"),
+                  ("fired_held_out", "fired on held-out")])
+        + f"<div class='figs'>{figs}</div></section>"
+    ]  # fmt: skip
+    return parts
+
+
 def render_html(card: Mapping) -> str:
     """One self-contained HTML page (figures embedded as data URIs, no network fetches)."""
-    m, use, data, perf = card["model"], card["intended_use"], card["data"], card["performance"]
+    m, use, data = card["model"], card["intended_use"], card["data"]
     flow, train = data["flow"], data["training"]
     parts = [
         f"<h1>{_e(card['title'])}</h1>",
@@ -461,20 +639,26 @@ def render_html(card: Mapping) -> str:
     ]
     if card["synthetic_data"]:
         parts.append(f'<div class="banner" id="synthetic">{_e(data["synthetic_statement"])}</div>')
-    best = perf["model"]
-    parts.append(
-        '<section id="summary"><h2>Summary</h2>'
-        + _kv(
-            [
-                ("Predicts", data["label"]["definition"]),
-                ("Population", data["population"]["description"]),
-                ("Held-out patients", perf["test_rows"]),
-                ("AUROC [95% CI]", _ci(best.get("auroc"), best.get("auroc_lo"), best.get("auroc_hi"))),
-                ("Calibration slope", best.get("calibration_slope")),
-            ]
-        )
-        + "</section>"
-    )
+    if "performance" in card:
+        best = card["performance"]["model"]
+        summary = [
+            ("Predicts", data["label"]["definition"]),
+            ("Population", data["population"]["description"]),
+            ("Held-out patients", flow["test_rows"]),
+            ("AUROC [95% CI]", _ci(best.get("auroc"), best.get("auroc_lo"), best.get("auroc_hi"))),
+            ("Calibration slope", best.get("calibration_slope")),
+        ]
+    else:
+        ben = card["benefit"]
+        ate = ben["ate_aipw"]
+        summary = [
+            ("Estimates", ben["estimand"]),
+            ("Population", data["population"]["description"]),
+            ("Held-out patients", flow["test_rows"]),
+            ("Average benefit (AIPW) [95% CI]", _ci(ate["estimate"], ate["ci_low"], ate["ci_high"])),
+            ("Held-out patients outside overlap", ben["overlap"]["test"]["n_outside"]),
+        ]
+    parts.append('<section id="summary"><h2>Summary</h2>' + _kv(summary) + "</section>")
     parts.append(
         '<section id="model"><h2>Model details</h2>'
         + _kv(
@@ -546,76 +730,7 @@ def render_html(card: Mapping) -> str:
         )
         + "</section>"
     )
-    cmp_cols = [
-        ("model", "model"),
-        ("rows", "n"),
-        ("auroc", "AUROC"),
-        ("auroc_lo", "lo"),
-        ("auroc_hi", "hi"),
-        ("auprc", "AUPRC"),
-        ("brier", "Brier"),
-        ("calibration_slope", "slope"),
-        ("calibration_intercept", "intercept"),
-        ("ece", "ECE"),
-        ("ece_floor", "ECE floor"),
-        ("ece_vs_truth", "ECE vs truth"),
-        ("auroc_diff", "Δ AUROC vs ceiling"),
-    ]
-    figs = "".join(
-        _figure(uri, name.replace("_", " ")) for name, uri in perf["figures"].items()
-    )
-    parts.append(
-        '<section id="performance"><h2>Performance on held-out patients</h2>'
-        "<p>The model beside the logistic-regression baseline, the clinical scores (on the patients each "
-        "applies to) and, for simulated data, the ceiling (the true probabilities). 95% CIs from a "
-        "stratified bootstrap. The ECE floor is the ECE a perfectly calibrated model would show on this many "
-        "patients.</p>"
-        + _table(perf["comparison"], cmp_cols)
-        + "<h3>At the configured thresholds</h3>"
-        + _table(
-            perf["thresholds"],
-            [
-                ("threshold", "threshold"),
-                ("sensitivity", "sensitivity"),
-                ("specificity", "specificity"),
-                ("ppv", "PPV"),
-                ("npv", "NPV"),
-                ("flagged_share", "flagged"),
-            ],
-        )
-        + f"<p class='muted'>{_e(perf['threshold_choice'])}</p>"
-        + f"<div class='figs'>{figs}</div></section>"
-    )
-    sub = card["subgroups"]
-    parts.append(
-        '<section id="subgroups"><h2>Subgroups</h2>'
-        + _table(
-            sub["table"],
-            [
-                ("group", "grouping"),
-                ("level", "group"),
-                ("n", "n"),
-                ("events", "events"),
-                ("auroc", "AUROC"),
-                ("auroc_lo", "lo"),
-                ("auroc_hi", "hi"),
-                ("o_minus_e", "observed − expected"),
-                ("warning", "warning"),
-            ],
-        )
-        + f"<p class='muted'>{_e(sub['method'])}</p></section>"
-    )
-    ex = card["explanations"]
-    parts.append(
-        '<section id="explanations"><h2>Explanations (SHAP)</h2>'
-        + _table(ex["top_features"], [("feature", "feature"), ("mean_abs_shap", "mean |SHAP| (log-odds)")])
-        + (
-            _figure(ex["figure"], "SHAP summary")
-            if ex.get("figure")
-            else ""
-        )
-        + f"<p>{_e(ex['limits'])}</p></section>"
-    )
+    parts += _risk_sections(card) if "performance" in card else _benefit_sections(card)
     parts.append('<section id="limitations"><h2>Limitations</h2>' + _list(card["limitations"]) + "</section>")
     parts.append(
         '<section id="ethics"><h2>Ethical considerations</h2>' + _list(card["ethics"]) + "</section>"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from masml import causal, causal_plots, guardrails, tracking
+from masml import card, causal, causal_plots, guardrails, tracking
 from masml.bundle import data_fingerprint, write_bundle
 from masml.card import _clean
 from masml.cohort import truth_path_for
@@ -265,8 +265,30 @@ def run_il1_benefit_pipeline(
         "skipped_treatment_missing": skipped_treatment,
         "seconds": time.perf_counter() - started,
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        drawn = [
+            causal_plots.overlap_plot(cross["e"], tt, config.overlap, tmp / "overlap.png"),
+            causal_plots.balance_plot(balance, tmp / "balance.png"),
+            causal_plots.benefit_by_trigger_plot(
+                tau, test["trigger"].to_numpy(), tmp / "benefit_by_trigger.png"
+            ),
+            causal_plots.qini_plot(tau, phi, tmp / "qini.png"),
+        ]
+        result.extra["figures"] = {path.stem: path.read_bytes() for path in drawn}
     if track:
-        _track(result, config, frame, model_bytes, e, t_test, tau, phi, test, balance, cross, tt, log)
+        _track(result, config, frame, model_bytes, balance, log)
+    card_data = card.benefit_card_content(
+        manifest=written, config=config, population=population, train=pop.iloc[train_idx], test=test,
+        report=_finite(report), figures=result.extra["figures"], units_file=str(units) if units else None,
+        run={"run_id": result.run_id, "version": result.registered_version,
+             "tracking_uri": tracking.tracking_uri() if track else ""},
+    )  # fmt: skip
+    card_paths, pdf_note = card.write_card(card_data, bundle_dir)
+    log(f"{TASK}: model card {bundle_dir / 'card.html'} ({pdf_note})")
+    result.extra["card"] = card_data
+    if track:
+        tracking.log_files(result.run_id, card_paths, "card")
     result.extra["seconds"] = time.perf_counter() - started
     return result
 
@@ -281,7 +303,7 @@ def _graph_benefit(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(["benefit"], {session.get_inputs()[0].name: x})[0], dtype=float).ravel()
 
 
-def _track(result, config, frame, model_bytes, e, t_test, tau, phi, test, balance, cross, tt, log) -> None:
+def _track(result, config, frame, model_bytes, balance, log) -> None:
     import mlflow
 
     from pipelines.risk import _flat
@@ -301,23 +323,16 @@ def _track(result, config, frame, model_bytes, e, t_test, tau, phi, test, balanc
             mlflow.log_metric(f"selection.{row['learner']}.dr_loss", float(row["dr_loss"]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            paths = [
-                causal_plots.overlap_plot(cross["e"], tt, config.overlap, tmp / "overlap.png"),
-                causal_plots.balance_plot(balance, tmp / "balance.png"),
-                causal_plots.benefit_by_trigger_plot(
-                    tau, test["trigger"].to_numpy(), tmp / "benefit_by_trigger.png"
-                ),
-                causal_plots.qini_plot(tau, phi, tmp / "qini.png"),
-            ]
-            for path in paths:
-                mlflow.log_artifact(str(path), "plots")
+            for name, data in result.extra["figures"].items():
+                (tmp / f"{name}.png").write_bytes(data)
+                mlflow.log_artifact(str(tmp / f"{name}.png"), "plots")
             balance.to_csv(tmp / "balance.csv", index=False)
             result.selection.to_csv(tmp / "selection.csv", index=False)
             (tmp / "report.json").write_text(json.dumps(_finite(result.report), indent=2))
             for name in ("balance.csv", "selection.csv", "report.json"):
                 mlflow.log_artifact(str(tmp / name), "evaluation")
         mlflow.log_artifacts(str(result.bundle_dir), "bundle")
-        x_test = result.extra["x_test"]
+        x_test, phi = result.extra["x_test"], result.extra["phi_test"]
         example = onnx_session(model_bytes).run(list(OUTPUTS), {"inputs": x_test[:5]})
         version = tracking.log_onnx_model(
             model_bytes, x_test[:5], dict(zip(OUTPUTS, example, strict=True)), config.registered_model

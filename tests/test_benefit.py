@@ -281,6 +281,30 @@ def test_run_is_tracked_with_plots_and_the_model_registered(run, workspace):
     assert str(champion.version) == run.registered_version
 
 
+def test_benefit_card_carries_the_estimand_assumptions_overlap_policies_and_guardrails(run, workspace):
+    from mlflow import MlflowClient
+
+    from masml.card import fmt
+
+    card = json.loads((run.bundle_dir / "card.json").read_text())
+    page = (run.bundle_dir / "card.html").read_text()
+    ate = run.report["ate_aipw"]
+    assert card["benefit"]["ate_aipw"]["estimate"] == pytest.approx(ate["estimate"])
+    assert fmt(float(ate["estimate"])) in page and fmt(float(ate["ci_low"])) in page
+    outside = run.manifest["metrics"]["patients_outside_overlap"]
+    assert card["benefit"]["overlap"]["test"]["n_outside"] == outside
+    for assumption in run.manifest["assumptions"]:
+        assert assumption in card["limitations"]
+    assert {g["id"] for g in card["benefit"]["guardrails"]} == RULE_IDS
+    for rule in RULE_IDS:
+        assert rule in page
+    assert set(card["benefit"]["figures"]) == {"overlap", "balance", "benefit_by_trigger", "qini"}
+    assert "performance" not in card and {i["section"] for i in card["tripod_ai"]} >= {"benefit", "data"}
+    assert 'id="synthetic"' in page and ">Benefit of IL-1 blockade</h2>" in page
+    artifacts = {a.path for a in MlflowClient(workspace["uri"]).list_artifacts(run.run_id, "card")}
+    assert {"card/card.json", "card/card.html"} <= artifacts
+
+
 def test_same_data_config_and_seed_give_an_identical_graph(run, workspace, tmp_path):
     again = run_il1_benefit_pipeline(
         workspace["data"],
