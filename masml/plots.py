@@ -117,14 +117,22 @@ def decision_curve_plot(
 
 
 def evaluation_plots(
-    y, predictions: Mapping[str, tuple[np.ndarray, np.ndarray]], out_dir: str | Path
+    y,
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    out_dir: str | Path,
+    decision_only: Mapping[str, np.ndarray] | None = None,
 ) -> list[Path]:
-    """All four figures for one run; ``predictions`` maps name -> (row mask, score or probability)."""
+    """All four figures for one run; ``predictions`` maps name -> (row mask, score or probability).
+
+    ``decision_only``: probabilities drawn on the decision curve alone, e.g. HScore turned into a
+    probability by its published table: the decision a clinician would take with the score today, which
+    would only repeat the score's own curve on the ROC and PR plots.
+    """
     out = Path(out_dir)
     probabilities = {n: s for n, (mask, s) in predictions.items() if n in PROBABILISTIC and mask.all()}
     return [
         roc_plot(y, predictions, out / "roc.png"),
         pr_plot(y, predictions, out / "precision_recall.png"),
         calibration_plot(y, probabilities, out / "calibration.png"),
-        decision_curve_plot(y, probabilities, out / "decision_curve.png"),
+        decision_curve_plot(y, {**probabilities, **(decision_only or {})}, out / "decision_curve.png"),
     ]

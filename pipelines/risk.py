@@ -171,7 +171,10 @@ def run_risk_pipeline(
     expl = explain.shap_explanation(model.booster, model.features(x_test[sample]), model.feature_names)
     importance = explain.global_importance(expl)
     with tempfile.TemporaryDirectory() as tmp:
-        drawn = plots.evaluation_plots(y_test, curves, Path(tmp) / "plots") + explain.save_plots(expl, tmp)
+        # HScore as the probability its published table gives (Fardet 2014): today's decision rule.
+        hscore_p = {"hscore_probability": scores.hscore_probability(test).to_numpy(dtype=float)}
+        drawn = plots.evaluation_plots(y_test, curves, Path(tmp) / "plots", decision_only=hscore_p)
+        drawn += explain.save_plots(expl, tmp)
         figures = {path.stem: path.read_bytes() for path in drawn}
 
     # ---- export: the whole scoring path in one graph, checked against the Python path

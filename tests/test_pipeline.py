@@ -275,6 +275,16 @@ def test_card_is_written_with_the_runs_own_numbers(onset_run):
     assert page.count("data:image/png;base64,") >= 5 and "http://" not in page and "https://" not in page
     for threshold in onset_run.test_report["threshold_metrics"]:
         assert fmt(float(threshold["sensitivity"])) in page
+    # the subgroup table is the run's, row for row, and the page prints its AUROCs
+    subgroups = onset_run.extra["subgroups"]
+    assert [(r["group"], r["level"], r["n"]) for r in card["subgroups"]["table"]] == list(
+        zip(subgroups["group"], subgroups["level"], subgroups["n"], strict=True)
+    )
+    for value in subgroups["auroc"].dropna():
+        assert fmt(float(value)) in page
+    assert card["data"]["training"]["prevalence"] == pytest.approx(
+        float(onset_run.extra["population"].prevalence), abs=0.02
+    )
     items = [i["item"] for i in card["tripod_ai"]]
     assert len({i.rstrip("abc") for i in items}) == 27
     assert {i["status"] for i in card["tripod_ai"]} == {"reported", "not reported", "not applicable"}

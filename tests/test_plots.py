@@ -45,3 +45,13 @@ def test_evaluation_plots_write_four_pngs_with_subset_scores(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_decision_only_curves_join_the_decision_curve_alone(tmp_path):
+    y, p = _data()
+    everyone = np.ones(y.size, bool)
+    plain = plots.evaluation_plots(y, {"model": (everyone, p)}, tmp_path / "a")
+    extra = plots.evaluation_plots(y, {"model": (everyone, p)}, tmp_path / "b",
+                                   decision_only={"score_probability": np.clip(p * 0.8, 0, 1)})  # fmt: skip
+    same = [a.read_bytes() == b.read_bytes() for a, b in zip(plain, extra, strict=True)]
+    assert same == [True, True, True, False]  # only the decision curve gained a line
