@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--max-batch", type=int, default=int(os.environ.get("MASML_SERVE_MAX_BATCH", "5000")))
     p.add_argument(
+        "--max-explain-batch",
+        type=int,
+        default=int(os.environ.get("MASML_SERVE_MAX_EXPLAIN_BATCH", "100")),
+        help="patients per explain call (an explanation takes ~2 MB per patient while computed)",
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=int,
         default=int(os.environ.get("MASML_SERVE_MAX_BODY_BYTES", str(8 * 1024 * 1024))),
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         "MASML_SERVE_MODELS": a.models,
         "MASML_SERVE_HOST": a.host,
         "MASML_SERVE_MAX_BATCH": str(a.max_batch),
+        "MASML_SERVE_MAX_EXPLAIN_BATCH": str(a.max_explain_batch),
         "MASML_SERVE_MAX_BODY_BYTES": str(a.max_body_bytes),
     }
     if a.api_keys_file:

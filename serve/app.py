@@ -4,6 +4,11 @@ Why plain Starlette endpoints and no middleware stack: one patient must be score
 millisecond end to end, so auth, timing, metrics and error mapping are done by one small wrapper per
 endpoint instead of layers of ASGI middleware. Why every handler ends in ``Problems`` or a response: a
 client can never cause a 500; anything unexpected is still answered as JSON and counted.
+
+Explanations (``/v1/models/{task}/explain``, ``"explain": true`` on predict, OIP ``/v2/models/{m}/explain``)
+run the bundle's ``explainer.onnx`` beside ``model.onnx`` on the same float32 matrix. Why a separate,
+smaller batch limit: the explainer's intermediates take ~2 MB per row, so a 5,000-patient explain call
+would take gigabytes; scoring stays cheap and keeps its own limit.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from serve.security import Audit, Keys, digest
 
 log = logging.getLogger("serve")
 THREAD_ROWS = 64  # batches above this run in a worker thread so the event loop keeps serving
+EXPLAIN_THREAD_ROWS = 4  # explaining costs ~0.5 ms per row for 300 trees: move off the loop sooner
+TOP_DEFAULT = 5  # inputs listed in an explanation's ``top`` unless the request says ``"top": k``
 _dec = msgspec.json.Decoder()
 
 
@@ -60,6 +67,7 @@ class Config:
     audit_log: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch: int = 5000
+    max_explain_batch: int = 100  # explanations are memory-heavy (~2 MB per row while computed)
     reload_file: str | None = None  # shared by workers: touching it makes every worker reload
 
     @classmethod
@@ -73,6 +81,7 @@ class Config:
             audit_log=e("MASML_SERVE_AUDIT_LOG"),
             max_body_bytes=int(e("MASML_SERVE_MAX_BODY_BYTES", str(8 * 1024 * 1024))),
             max_batch=int(e("MASML_SERVE_MAX_BATCH", "5000")),
+            max_explain_batch=int(e("MASML_SERVE_MAX_EXPLAIN_BATCH", "100")),
             reload_file=e("MASML_SERVE_RELOAD_FILE"),
         )
 
@@ -157,6 +166,7 @@ def create_app(config: Config | None = None) -> Starlette:
     R = Route
     routes = [
         R("/v1/models/{task}/predict", endpoint("predict", predict), methods=["POST"]),
+        R("/v1/models/{task}/explain", endpoint("explain", explain), methods=["POST"]),
         R("/healthz", endpoint("healthz", healthz, None), methods=["GET"]),
         R("/readyz", endpoint("readyz", readyz, None), methods=["GET"]),
         R("/ping", endpoint("ping", healthz, None), methods=["GET"]),
@@ -181,6 +191,12 @@ def create_app(config: Config | None = None) -> Starlette:
         ),
         R("/v2/models/{m}/infer", endpoint("v2_infer", v2_infer, oip=True), methods=["POST"]),
         R("/v2/models/{m}/versions/{v}/infer", endpoint("v2_infer", v2_infer, oip=True), methods=["POST"]),
+        R("/v2/models/{m}/explain", endpoint("v2_explain", v2_explain, oip=True), methods=["POST"]),
+        R(
+            "/v2/models/{m}/versions/{v}/explain",
+            endpoint("v2_explain", v2_explain, oip=True),
+            methods=["POST"],
+        ),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -349,14 +365,112 @@ def _batch_size_ok(n: int, state: State, where: str) -> None:
         )
 
 
+def _explain_batch_ok(n: int, state: State, where: str) -> None:
+    limit = state.config.max_explain_batch
+    if n > limit:
+        raise Problems(
+            413,
+            "batch too large to explain",
+            [
+                problem(
+                    where,
+                    "explain_batch_too_large",
+                    f"{n} patients to explain in one call, over the limit of {limit} (an explanation "
+                    "takes ~2 MB per patient while it is computed)",
+                    expected=f"at most {limit} patients per explain call (split the batch, or predict "
+                    "without explain)",
+                )
+            ],
+        )
+
+
+def _explainer_of(model: Model) -> None:
+    """409, not 404: the model exists and predicts; its bundle was exported without an explainer."""
+    if model.explainer is None:
+        raise Problems(
+            409,
+            f"model {model.task!r} (version {model.version}) has no explainer",
+            [
+                problem(
+                    "path.model",
+                    "no_explainer",
+                    f"the bundle of {model.task!r} version {model.version} carries no explainer.onnx, so "
+                    "its predictions cannot be explained",
+                    expected="a bundle whose manifest has an 'explainer' section (re-export it with "
+                    "masml), or predict without explain",
+                )
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    top: int = TOP_DEFAULT
+    features: bool = False
+
+
+def _explain_options(body: dict, model: Model, always: bool) -> ExplainOptions | None:
+    """``explain``/``top``/``features`` of a predict or explain body; None when nothing is to be explained.
+
+    Why reject ``top`` without ``explain``: a client that sends it expects explanations, and silently
+    answering without them would look like a model with nothing to say.
+    """
+    probs = []
+    explain = body.get("explain", always)
+    if type(explain) is not bool:
+        probs.append(problem("body.explain", "type", "explain must be true or false", explain, "a boolean"))
+    k = len(model.encoder.names)
+    top = body.get("top", TOP_DEFAULT if k >= TOP_DEFAULT else k)
+    if type(top) is not int or not 1 <= top <= k:
+        probs.append(
+            problem(
+                "body.top",
+                "out_of_range",
+                f"top must be an integer from 1 to {k} (the model's number of inputs)",
+                top,
+                f"an integer between 1 and {k}",
+            )
+        )
+    features = body.get("features", False)
+    if type(features) is not bool:
+        probs.append(
+            problem("body.features", "type", "features must be true or false", features, "a boolean")
+        )
+    if probs:
+        raise Problems(422, "invalid input", probs)
+    if not explain:
+        extra = sorted({"top", "features"} & set(body))
+        if extra:
+            raise invalid(
+                f"body.{extra[0]}",
+                "needs_explain",
+                f"{' and '.join(map(repr, extra))} only make sense with explanations",
+                expected='"explain": true, or POST /v1/models/{task}/explain',
+            )
+        return None
+    _explainer_of(model)
+    return ExplainOptions(top=top, features=features)
+
+
+def _run(model: Model, x32: np.ndarray, explain: bool) -> tuple[dict, dict | None]:
+    return model.run(x32), model.explainer.run(x32) if explain and model.explainer else None
+
+
 async def _score(
-    state: State, model: Model, x64: np.ndarray, ctx: dict, endpoint: str, guard: bool = True
-) -> tuple[dict[str, np.ndarray], list[list[dict]] | None]:
+    state: State,
+    model: Model,
+    x64: np.ndarray,
+    ctx: dict,
+    endpoint: str,
+    guard: bool = True,
+    explain: bool = False,
+) -> tuple[dict[str, np.ndarray], list[list[dict]] | None, dict[str, np.ndarray] | None]:
+    """Model outputs, guardrail flags and (when asked) the explainer's outputs; one audit line."""
     x32 = x64.astype(np.float32)
-    if x32.shape[0] > THREAD_ROWS:
-        outputs = await anyio.to_thread.run_sync(model.run, x32)
+    if x32.shape[0] > (EXPLAIN_THREAD_ROWS if explain else THREAD_ROWS):
+        outputs, explained = await anyio.to_thread.run_sync(_run, model, x32, explain)
     else:
-        outputs = model.run(x32)
+        outputs, explained = _run(model, x32, explain)
     flags = model.guardrails.evaluate(x64, outputs) if (guard and model.guardrails) else None
     exposed = {k: outputs[k] for k in model.outputs}
     state.metrics.scored(model.task, model.encoder.names, x64, exposed)
@@ -364,6 +478,10 @@ async def _score(
         for row in flags:
             for f in row:
                 state.metrics.guardrails[(model.task, f["id"], f["status"])] += 1
+    audit_extra = None
+    if explained is not None:
+        state.metrics.explained[model.task] += x32.shape[0]
+        audit_extra = {"explainer_sha256": model.explainer.sha256}  # type: ignore[union-attr]
     state.audit.write(
         ctx["request_id"],
         endpoint,
@@ -371,8 +489,52 @@ async def _score(
         x32,
         {k: v.tolist() for k, v in exposed.items()},
         ctx.get("principal"),
+        audit_extra,
     )
-    return exposed, flags
+    return exposed, flags, explained
+
+
+def _shown(spec: Any, v: float) -> Any:
+    """A canonical matrix value as the client knows it: category label, 0/1, number; None if missing."""
+    if v != v:
+        return None
+    if spec.kind == "category":
+        return spec.categories[int(v)]
+    return int(v) if spec.kind == "binary" else v
+
+
+def _explanations(model: Model, x64: np.ndarray, out: dict[str, np.ndarray], opts: ExplainOptions) -> list:
+    """Per patient: base_value + Σ contributions = margin (log-odds), and the top |contribution| inputs
+    with the value used (after unit conversion) and its canonical unit."""
+    e = model.explainer
+    assert e is not None
+    names, specs = e.input_names, model.encoder.specs
+    ic = out["input_contributions"]
+    order = np.argsort(-np.abs(ic), axis=1, kind="stable")[:, : opts.top].tolist()
+    rows, base, margin = ic.tolist(), out["base_value"].tolist(), out["margin"].tolist()
+    feats = out["contributions"].tolist() if opts.features else None
+    units = [s.unit if s.kind == "numeric" else None for s in specs]
+    result = []
+    for i, row in enumerate(rows):
+        xi = x64[i].tolist()
+        item: dict[str, Any] = {
+            "base_value": base[i],
+            "margin": margin[i],
+            "contributions": dict(zip(names, row, strict=True)),
+            "top": [
+                {
+                    "input": names[j],
+                    "contribution": row[j],
+                    "value": _shown(specs[j], xi[j]),
+                    "unit": units[j],
+                }
+                for j in order[i]
+            ],
+        }
+        if feats is not None:
+            item["feature_contributions"] = dict(zip(e.feature_names, feats[i], strict=True))
+        result.append(item)
+    return result
 
 
 def _model_ref(m: Model) -> dict:
@@ -460,24 +622,46 @@ async def admin_reload(request: Request, state: State, ctx: dict) -> Response:
 
 
 async def predict(request: Request, state: State, ctx: dict) -> Response:
+    return await _predict(request, state, ctx, "predict")
+
+
+async def explain(request: Request, state: State, ctx: dict) -> Response:
+    """Predict with ``explain`` implied: the same body, validation and answer, each row explained."""
+    return await _predict(request, state, ctx, "explain")
+
+
+async def _predict(request: Request, state: State, ctx: dict, endpoint: str) -> Response:
     model = _model(state, request.path_params["task"], ctx)
-    body = _object(_decode(await _read_body(request, state)), {"patients"})
+    allowed = {"patients", "top", "features"} | ({"explain"} if endpoint == "predict" else set())
+    body = _object(_decode(await _read_body(request, state)), allowed)
+    opts = _explain_options(body, model, always=endpoint == "explain")
     patients = body.get("patients")
     if isinstance(patients, list):
         _batch_size_ok(len(patients), state, "patients")
+        if opts is not None:
+            _explain_batch_ok(len(patients), state, "patients")
     elif "patients" not in body:
         raise invalid("patients", "required", "'patients' is required", expected="a list of patient objects")
     x64, ids = model.encoder.encode(patients, "patients")
-    outputs, flags = await _score(state, model, x64, ctx, "predict")
+    outputs, flags, explained = await _score(state, model, x64, ctx, endpoint, explain=opts is not None)
     cols = {k: v.tolist() for k, v in outputs.items()}
+    expl = _explanations(model, x64, explained, opts) if explained is not None and opts else None
     preds = []
     for i in range(len(ids)):
         row: dict[str, Any] = {"patient_id": ids[i]} if ids[i] is not None else {}
         for k, v in cols.items():
             row[k] = v[i]
         row["guardrails"] = flags[i] if flags is not None else []
+        if expl is not None:
+            row["explanation"] = expl[i]
         preds.append(row)
-    return json_response({"request_id": ctx["request_id"], "model": _model_ref(model), "predictions": preds})
+    resp = {"request_id": ctx["request_id"], "model": _model_ref(model), "predictions": preds}
+    if expl is not None:
+        resp["explainer"] = {
+            "sha256": model.explainer.sha256,  # type: ignore[union-attr]
+            "units": "log-odds (the model's margin, before calibration)",
+        }
+    return json_response(resp)
 
 
 # --- MLflow scoring protocol ----------------------------------------------------------------------------
@@ -535,7 +719,7 @@ async def invocations(request: Request, state: State, ctx: dict) -> Response:
     if isinstance(patients, list):
         _batch_size_ok(len(patients), state, where)
     x64, _ = model.encoder.encode(patients, where)
-    outputs, _flags = await _score(state, model, x64, ctx, "invocations", guard=False)
+    outputs, _flags, _ = await _score(state, model, x64, ctx, "invocations", guard=False)
     cols = {k: v.tolist() for k, v in outputs.items()}
     return json_response({"predictions": [{k: cols[k][i] for k in cols} for i in range(x64.shape[0])]})
 
@@ -574,7 +758,7 @@ def _split_to_records(split: Any) -> Any:
 
 async def v2_server(request: Request, state: State, ctx: dict) -> Response:
     return json_response(
-        {"name": "masml-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
+        {"name": "masml-serve", "version": __version__, "extensions": ["binary_tensor_data", "explain"]}
     )
 
 
@@ -602,7 +786,12 @@ async def v2_model(request: Request, state: State, ctx: dict) -> Response:
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, len(m.encoder.names)]}],
             "outputs": [{"name": o, "datatype": "FP32", "shape": [-1]} for o in m.outputs],
-            "parameters": {"input_columns": m.encoder.names, "sha256": m.sha256, "model_name": m.name},
+            "parameters": {
+                "input_columns": m.encoder.names,
+                "sha256": m.sha256,
+                "model_name": m.name,
+                "explainer": m.explainer is not None,  # POST /v2/models/{m}/explain answers
+            },
         }
     )
 
@@ -627,9 +816,18 @@ def _flat_numbers(data: Any, where: str) -> list:
     return flat
 
 
-async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
-    model = _model(state, request.path_params["m"], ctx)
-    _check_version(request, model)
+@dataclass
+class OipRequest:
+    x32: np.ndarray
+    req_id: str | None
+    wanted: Any  # the body's "outputs", or None for every output
+    binary_out: bool  # parameters.binary_data_output
+
+
+async def _oip_request(
+    request: Request, state: State, model: Model, max_rows: Callable[[int, str], None]
+) -> OipRequest:
+    """An OIP body (JSON, or JSON + binary tensor data) as the checked float32 [N, K] matrix."""
     raw = await _read_body(request, state)
     header_len = request.headers.get("inference-header-content-length")
     binary = b""
@@ -674,7 +872,7 @@ async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
         and shape[0] >= 1
     ):
         raise Problems(400, f"shape must be [N, {k}] with N >= 1, got {shape!r}")
-    _batch_size_ok(shape[0], state, where)
+    max_rows(shape[0], where)
     tparams = t.get("parameters") or {}
     size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
     if size is not None:
@@ -696,32 +894,40 @@ async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
         except OverflowError:
             raise Problems(400, "a value does not fit in FP32") from None
     model.encoder.check_matrix(x32, where)
-    wanted = body.get("outputs")
-    binary_out = bool(params.get("binary_data_output", False))
-    names, per_binary = list(model.outputs), {}
-    if wanted is not None:
-        if not isinstance(wanted, list) or not all(
-            isinstance(o, dict) and o.get("name") in model.outputs for o in wanted
+    return OipRequest(x32, req_id, body.get("outputs"), bool(params.get("binary_data_output", False)))
+
+
+def _oip_response(
+    model: Model, req: OipRequest, outputs: dict[str, np.ndarray], extra: dict | None = None
+) -> Response:
+    """The requested (default: all) ``outputs`` as FP32 tensors, JSON or binary as the request asked."""
+    available = list(outputs)
+    names, per_binary = available, {}
+    if req.wanted is not None:
+        if not isinstance(req.wanted, list) or not all(
+            isinstance(o, dict) and o.get("name") in available for o in req.wanted
         ):
-            raise Problems(400, f"requested outputs must be among {model.outputs}")
-        names = [o["name"] for o in wanted]
+            raise Problems(400, f"requested outputs must be among {available}")
+        names = [o["name"] for o in req.wanted]
         per_binary = {
-            o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_out)) for o in wanted
+            o["name"]: bool((o.get("parameters") or {}).get("binary_data", req.binary_out))
+            for o in req.wanted
         }
-    outputs, _ = await _score(state, model, x32.astype(np.float64), ctx, "v2_infer", guard=False)
     out_meta, blobs = [], []
     for name in names:
         v = np.ascontiguousarray(outputs[name], dtype="<f4")
-        meta: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [int(v.shape[0])]}
-        if per_binary.get(name, binary_out):
+        meta: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [int(d) for d in v.shape]}
+        if per_binary.get(name, req.binary_out):
             meta["parameters"] = {"binary_data_size": v.nbytes}
             blobs.append(v.tobytes())
         else:
-            meta["data"] = v.tolist()
+            meta["data"] = v.reshape(-1).tolist()
         out_meta.append(meta)
-    resp = {"model_name": model.task, "model_version": model.version, "outputs": out_meta}
-    if req_id is not None:
-        resp["id"] = req_id
+    resp: dict[str, Any] = {"model_name": model.task, "model_version": model.version, "outputs": out_meta}
+    if req.req_id is not None:
+        resp["id"] = req.req_id
+    if extra:
+        resp["parameters"] = extra
     head = _enc.encode(resp)
     if not blobs:
         return Response(head, media_type="application/json")
@@ -730,3 +936,30 @@ async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
+
+
+async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
+    model = _model(state, request.path_params["m"], ctx)
+    _check_version(request, model)
+    req = await _oip_request(request, state, model, lambda n, where: _batch_size_ok(n, state, where))
+    outputs, _, _ = await _score(state, model, req.x32.astype(np.float64), ctx, "v2_infer", guard=False)
+    return _oip_response(model, req, outputs)
+
+
+async def v2_explain(request: Request, state: State, ctx: dict) -> Response:
+    """OIP extension: the explainer's four tensors for the ``infer`` input; columns in ``parameters``."""
+    model = _model(state, request.path_params["m"], ctx)
+    _check_version(request, model)
+    _explainer_of(model)
+
+    def rows_ok(n: int, where: str) -> None:
+        _batch_size_ok(n, state, where)
+        _explain_batch_ok(n, state, where)
+
+    req = await _oip_request(request, state, model, rows_ok)
+    x64 = req.x32.astype(np.float64)
+    _, _, explained = await _score(state, model, x64, ctx, "v2_explain", guard=False, explain=True)
+    e = model.explainer
+    assert e is not None and explained is not None
+    columns = {"contributions_columns": e.feature_names, "input_contributions_columns": e.input_names}
+    return _oip_response(model, req, explained, columns)

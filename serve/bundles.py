@@ -3,7 +3,9 @@
 Why refuse rather than crash: one tampered or half-copied bundle must not take the other models down;
 it is listed with its reason and the rest keep serving. Why an immutable snapshot: a reload builds a new
 ``Snapshot`` beside the old one and replaces one reference, so a request in flight always sees one
-consistent set of models, never a half-loaded one.
+consistent set of models, never a half-loaded one. The explainer (``explainer.onnx``, exact TreeSHAP of
+the margin, docs/architecture.md §5) belongs to its ``Model``, so it is swapped with it: an explanation
+is never computed by another version's trees than the risk it explains.
 """
 
 from __future__ import annotations
@@ -23,13 +25,37 @@ from serve.inputs import Encoder
 
 log = logging.getLogger("serve")
 
-MODEL_FILE, MANIFEST_FILE = "model.onnx", "manifest.json"
+MODEL_FILE, MANIFEST_FILE, EXPLAINER_FILE = "model.onnx", "manifest.json", "explainer.onnx"
+EXPLAINER_OUTPUTS = ("contributions", "input_contributions", "base_value", "margin")
+EXPLAIN_CHUNK_ROWS = 16  # the explainer's intermediates take ~2 MB per row: bound the memory of one run
 SUPPORTED_FORMATS = {1}
 HIDDEN_OUTPUTS = {"margin"}  # internal to explanations; the raw log-odds are not a clinical output
 
 
 class BundleRefused(ValueError):
     pass
+
+
+@dataclass
+class Explainer:
+    """``explainer.onnx`` of one bundle: its session and the column names of its two matrices."""
+
+    session: Any
+    input_name: str
+    sha256: str
+    feature_names: list[str]  # columns of ``contributions``
+    input_names: list[str]  # columns of ``input_contributions``: the manifest inputs, in matrix order
+    section: dict  # manifest["explainer"]
+
+    def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
+        """The four outputs for ``x32`` [N, K], run in chunks of EXPLAIN_CHUNK_ROWS rows (memory)."""
+        parts = [
+            self.session.run(list(EXPLAINER_OUTPUTS), {self.input_name: x32[i : i + EXPLAIN_CHUNK_ROWS]})
+            for i in range(0, x32.shape[0], EXPLAIN_CHUNK_ROWS)
+        ]
+        if len(parts) == 1:
+            return {k: np.asarray(v) for k, v in zip(EXPLAINER_OUTPUTS, parts[0], strict=True)}
+        return {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(EXPLAINER_OUTPUTS)}
 
 
 @dataclass
@@ -47,6 +73,7 @@ class Model:
     run_outputs: list[str]  # exposed + what the guardrails need
     guardrails: Guardrails | None
     fingerprint: str = ""
+    explainer: Explainer | None = None
 
     def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
         values = self.session.run(self.run_outputs, {self.input_name: x32})
@@ -78,7 +105,22 @@ class Model:
             ],
             "created_at": m.get("created_at"),
             "training_data": m.get("training_data"),
+            "explainer": _explainer_summary(self.explainer),
         }
+
+
+def _explainer_summary(e: Explainer | None) -> dict | None:
+    """What a client needs to read an explanation: method, units, how derived features are credited."""
+    if e is None:
+        return None
+    sec = e.section
+    return {
+        "sha256": e.sha256,
+        "method": sec.get("method"),
+        "base_value_meaning": sec.get("base_value_meaning"),
+        "attribution_rule": (sec.get("attribution") or {}).get("rule"),
+        "feature_names": e.feature_names,
+    }
 
 
 def _metrics_summary(metrics: dict) -> dict:
@@ -103,10 +145,60 @@ def session_for(model_bytes: bytes) -> ort.InferenceSession:
 def fingerprint(bundle: Path) -> str:
     """Cheap identity of a bundle on disk, so an unchanged bundle is not rebuilt on reload."""
     parts = []
-    for f in (MODEL_FILE, MANIFEST_FILE):
+    for f in (MODEL_FILE, MANIFEST_FILE, EXPLAINER_FILE):
+        if f == EXPLAINER_FILE and not (bundle / f).exists():
+            continue
         st = (bundle / f).stat()
         parts.append(f"{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts)
+
+
+def load_explainer(bundle: Path, section: Any, input_names: list[str]) -> Explainer:
+    """``manifest["explainer"]``'s graph, checked like model.onnx: file present, sha256, graph shape.
+
+    Why refuse the whole bundle on a bad explainer rather than serve it without: a tampered explainer
+    would give wrong reasons beside right risks, and silently dropping it would turn explain calls into
+    409s no operator asked for; a refusal keeps the previous version (with its explainer) serving.
+    """
+    if not isinstance(section, dict):
+        raise BundleRefused("manifest 'explainer' must be an object (docs/architecture.md §5)")
+    name = str(section.get("file") or EXPLAINER_FILE)
+    path = bundle / name
+    if Path(name).name != name or not path.is_file():
+        raise BundleRefused(f"the manifest lists an explainer but {name} is missing from the bundle")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != section.get("sha256"):
+        raise BundleRefused(
+            f"{name} sha256 {digest[:16]}... does not match the manifest's explainer sha256 "
+            f"{str(section.get('sha256'))[:16]}..."
+        )
+    features, inputs = section.get("feature_names"), section.get("input_names")
+    if not isinstance(features, list) or inputs != input_names:
+        raise BundleRefused(
+            f"manifest explainer input_names {inputs!r} must equal the manifest inputs {input_names} "
+            "and feature_names must be a list"
+        )
+    try:
+        session = session_for(data)
+    except Exception as err:  # onnxruntime raises its own exception types for a corrupt graph
+        raise BundleRefused(f"onnxruntime cannot load {name}: {err}") from None
+    graph_in = session.get_inputs()
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    widths = {"contributions": len(features), "input_contributions": len(inputs)}
+    if (
+        len(graph_in) != 1
+        or graph_in[0].type != "tensor(float)"
+        or graph_in[0].shape[-1] != len(inputs)
+        or any(o not in shapes for o in EXPLAINER_OUTPUTS)
+        or any(shapes[o][-1] != w for o, w in widths.items())
+    ):
+        raise BundleRefused(
+            f"{name} takes {[(i.name, i.shape) for i in graph_in]} and gives {shapes}, but the manifest "
+            f"describes one float32 [N, {len(inputs)}] input and outputs {list(EXPLAINER_OUTPUTS)} "
+            f"with {len(features)} feature and {len(inputs)} input columns"
+        )
+    return Explainer(session, graph_in[0].name, digest, [str(f) for f in features], list(inputs), section)
 
 
 def load_model(bundle: Path, previous: Model | None = None) -> Model:
@@ -170,6 +262,9 @@ def load_model(bundle: Path, previous: Model | None = None) -> Model:
         except (KeyError, TypeError, ValueError) as err:
             raise BundleRefused(f"guardrails are malformed: {err}") from None
     extra = sorted(guardrails.needed_outputs - set(exposed)) if guardrails else []
+    explainer = None
+    if manifest.get("explainer") is not None:
+        explainer = load_explainer(bundle, manifest["explainer"], encoder.names)
     task = str(manifest["task"])
     return Model(
         task=task,
@@ -185,6 +280,7 @@ def load_model(bundle: Path, previous: Model | None = None) -> Model:
         run_outputs=exposed + extra,
         guardrails=guardrails,
         fingerprint=fp,
+        explainer=explainer,
     )
 
 

@@ -56,6 +56,7 @@ class Metrics:
         self.latency: dict[tuple, Histogram] = {}  # (endpoint, model)
         self.errors: dict[str, int] = defaultdict(int)  # kind
         self.patients: dict[str, int] = defaultdict(int)  # model
+        self.explained: dict[str, int] = defaultdict(int)  # model
         self.missing: dict[tuple, int] = defaultdict(int)  # (model, input)
         self.predictions: dict[tuple, Histogram] = {}  # (model, output)
         self.guardrails: dict[tuple, int] = defaultdict(int)  # (model, rule, status)
@@ -103,6 +104,9 @@ class Metrics:
         head("masml_patients_scored_total", "counter", "Patients scored per model.")
         for m, v in sorted(self.patients.items()):
             lines.append(f"masml_patients_scored_total{_labels({'model': m})} {v}")
+        head("masml_patients_explained_total", "counter", "Patients explained (SHAP) per model.")
+        for m, v in sorted(self.explained.items()):
+            lines.append(f"masml_patients_explained_total{_labels({'model': m})} {v}")
         head(
             "masml_input_missing_total",
             "counter",

@@ -123,6 +123,7 @@ def _common_schemas() -> dict:
                 "risk_untreated": {"type": "number"},
                 "risk_treated": {"type": "number"},
                 "guardrails": {"type": "array", "items": _ref("GuardrailFlag")},
+                "explanation": _ref("Explanation"),
             },
         },
         "PredictResponse": {
@@ -131,6 +132,50 @@ def _common_schemas() -> dict:
                 "request_id": {"type": "string"},
                 "model": _ref("ModelRef"),
                 "predictions": {"type": "array", "items": _ref("Prediction")},
+                "explainer": {
+                    "type": "object",
+                    "description": "present when explained: the explainer's sha256 and the units",
+                    "properties": {"sha256": {"type": "string"}, "units": {"type": "string"}},
+                },
+            },
+        },
+        "TopContributor": {
+            "type": "object",
+            "required": ["input", "contribution", "value", "unit"],
+            "properties": {
+                "input": {"type": "string", "description": "canonical input name"},
+                "contribution": {"type": "number", "description": "log-odds"},
+                "value": {
+                    "type": ["number", "string", "integer", "null"],
+                    "description": "the patient's value as used: after unit conversion (null = missing; "
+                    "a category as its label)",
+                },
+                "unit": {"type": ["string", "null"], "description": "canonical unit of the value"},
+            },
+        },
+        "Explanation": {
+            "type": "object",
+            "required": ["base_value", "margin", "contributions", "top"],
+            "description": "exact path-dependent TreeSHAP of the margin: base_value + Σ contributions = "
+            "margin (log-odds, before calibration); derived features credited to their inputs",
+            "properties": {
+                "base_value": {"type": "number", "description": "the model's expected margin (log-odds)"},
+                "margin": {"type": "number", "description": "this patient's log-odds"},
+                "contributions": {
+                    "type": "object",
+                    "additionalProperties": {"type": "number"},
+                    "description": "canonical input name -> contribution (log-odds)",
+                },
+                "top": {
+                    "type": "array",
+                    "items": _ref("TopContributor"),
+                    "description": "the largest |contribution| inputs, largest first",
+                },
+                "feature_contributions": {
+                    "type": "object",
+                    "additionalProperties": {"type": "number"},
+                    "description": "model feature -> SHAP value (only with features: true)",
+                },
             },
         },
         "ModelInfo": {
@@ -233,6 +278,7 @@ def _common_schemas() -> dict:
                 "model_version": {"type": "string"},
                 "id": {"type": "string"},
                 "outputs": {"type": "array", "items": _ref("Tensor")},
+                "parameters": {"type": "object", "description": "explain: the columns of each matrix"},
             },
         },
         "ModelMetadata": {
@@ -266,6 +312,34 @@ def _resp(schema: str | None, text: str, errors: tuple[int, ...] = (), oip: bool
             "content": {"application/json": {"schema": _ref("OipError" if oip else "Error")}},
         }
     return out
+
+
+def _explain_options_schema(k: int) -> dict:
+    return {
+        "top": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": k,
+            "default": min(5, k),
+            "description": "how many of the largest contributors to list (with explain)",
+        },
+        "features": {
+            "type": "boolean",
+            "default": False,
+            "description": "also return feature_contributions, per model feature (with explain)",
+        },
+    }
+
+
+def _request_schema(patient: str, max_items: int, options: dict) -> dict:
+    """A predict or explain body: the patients (up to that endpoint's batch limit) and its options."""
+    patients = {"type": "array", "minItems": 1, "maxItems": max_items, "items": _ref(patient)}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["patients"],
+        "properties": {"patients": patients} | options,
+    }
 
 
 def build_spec(snap: Snapshot, config: Any) -> dict:
@@ -348,19 +422,17 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
     for task, m in sorted(snap.models.items()):
         pname = f"Patient_{task}"
         schemas[pname] = _patient_schema(m)
-        schemas[f"PredictRequest_{task}"] = {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["patients"],
-            "properties": {
-                "patients": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": config.max_batch,
-                    "items": _ref(pname),
-                }
-            },
+        opts = _explain_options_schema(len(m.encoder.names))
+        explain_flag = {
+            "type": "boolean",
+            "default": False,
+            "description": f"explain each prediction (at most {config.max_explain_batch} patients; 409 if "
+            "the bundle has no explainer)",
         }
+        schemas[f"PredictRequest_{task}"] = _request_schema(
+            pname, config.max_batch, opts | {"explain": explain_flag}
+        )
+        schemas[f"ExplainRequest_{task}"] = _request_schema(pname, config.max_explain_batch, opts)
         paths[f"/v1/models/{task}"] = {
             "get": {
                 "summary": f"manifest summary of {task}",
@@ -376,6 +448,21 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
                 },
                 "responses": _resp(
                     "PredictResponse", "one prediction per patient, in order", (400, 401, 404, 413, 422)
+                ),
+            }
+        }
+        paths[f"/v1/models/{task}/explain"] = {
+            "post": {
+                "summary": f"predict and explain with {task}: per patient base_value, contributions per "
+                "input, margin and the top contributors (exact TreeSHAP of the margin)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(f"ExplainRequest_{task}")}},
+                },
+                "responses": _resp(
+                    "PredictResponse",
+                    "one explained prediction per patient, in order",
+                    (400, 401, 404, 409, 413, 422),
                 ),
             }
         }
@@ -397,6 +484,17 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
                     "content": {"application/json": {"schema": _ref("InferRequest")}},
                 },
                 "responses": _resp("InferResponse", "ok", (400, 401, 404, 413), True),
+            }
+        }
+        paths[f"/v2/models/{task}/explain"] = {
+            "post": {
+                "summary": "OIP extension: the infer input; outputs contributions [N, F], "
+                "input_contributions [N, K], base_value [N], margin [N] (columns in parameters)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("InferRequest")}},
+                },
+                "responses": _resp("InferResponse", "ok", (400, 401, 404, 409, 413), True),
             }
         }
     return {

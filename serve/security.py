@@ -98,6 +98,7 @@ class Audit:
         x32: np.ndarray,
         outputs: dict[str, list],
         principal: str | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -113,4 +114,6 @@ class Audit:
             "input_sha256": self.input_hashes(x32),
             "outputs": outputs,
         }
+        if extra:  # e.g. the explainer's sha256 on explain requests (explanations are not logged)
+            record |= extra
         self.stream.write(self.encoder.encode(record).decode() + "\n")
