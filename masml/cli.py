@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals could hold patient rows
 )
 console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 120)  # logs and CI keep full tables
+out = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI keep full tables
 
 DEFAULT_COHORT = Path("data/cohort.parquet")
 
