@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +26,45 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+class TrackingServerUnreachable(RuntimeError):
+    """The tracking server named by ``MLFLOW_TRACKING_URI`` does not answer."""
+
+
+def check_server(uri: str | None = None, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, naming the URI, when nothing answers at an HTTP tracking URI.
+
+    Why: mlflow's client retries a refused or timed-out connection with exponential backoff for about
+    four minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7) before it raises a long urllib3 message;
+    to a user whose server is down, or whose URI has a typo, that looks like a hang. Only a failed
+    connection is refused here: any HTTP answer (401 from an authenticating server, 404 behind a path
+    prefix), a TLS error (TLS settings are mlflow's to apply) or a slow answer is left to mlflow.
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return
+    except urllib.error.URLError as err:  # raised while connecting: nothing answered
+        if isinstance(err.reason, ssl.SSLError):
+            return
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {err.reason}. Start the "
+            f"server (docs/team-tracking.md), correct MLFLOW_TRACKING_URI, or unset it to track in "
+            f"{DEFAULT_TRACKING_URI}."
+        ) from None
+    except OSError:  # connected, then slow or cut off while answering: mlflow's retries apply
+        return
+
+
 @contextmanager
 def run(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator:
     """An MLflow run in ``experiment`` (created on first use) against the configured tracking store."""
     import mlflow
 
+    check_server()
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tags or {}) as active:
@@ -38,6 +75,7 @@ def log_files(run_id: str, paths, artifact_path: str) -> None:
     """Add files to a finished run (the model card is written after the run's registry step)."""
     import mlflow
 
+    check_server()
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
         for path in paths:

@@ -87,6 +87,8 @@ def run_il1_benefit_pipeline(
     config = config or load_config(config_path, TASK)
     if config.task != TASK:
         raise ConfigError(f"config key 'task': the benefit pipeline needs task {TASK!r}, got {config.task!r}")
+    if track:
+        tracking.check_server()  # a tracking server that is down fails the run now, not after training
     frame = load_dataset(data_path, units, require_labels=(config.label, causal.TREATMENT))
     pop, population = select_population(frame, config)
     t_all = causal.treatment_values(pop)
