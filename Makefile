@@ -22,3 +22,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_evaluation.py
 	$(PY) bench/bench_predict.py
 	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_scale.py --rows 100000 1000000

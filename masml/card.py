@@ -124,34 +124,87 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _share_table(values: pd.Series) -> list[dict]:
-    counts = values.fillna("missing").astype(str).value_counts()
-    return [{"level": k, "n": int(v), "share": float(v / len(values))} for k, v in counts.items()]
+AGE_STEP = 0.1  # years: the resolution of a median merged from partitions (a cluster run)
+
+
+def description_counts(frame: pd.DataFrame, inputs: Sequence[str], label: str) -> dict:
+    """``data_description``'s counts for one part of a dataset: they add up across partitions."""
+    y = pd.to_numeric(frame[label], errors="coerce")
+    age = frame["age_years"].to_numpy(dtype=float)
+
+    def counts(values: pd.Series) -> dict[str, int]:
+        return {str(k): int(v) for k, v in values.fillna("missing").astype(str).value_counts().items()}
+
+    return {
+        "rows": int(len(frame)),
+        "events": int((y == 1).sum()),
+        "trigger": counts(frame["trigger"]),
+        "trigger_family": counts(frame["trigger"].map(TRIGGER_FAMILY)),
+        "age_band": counts(frame["age_years"].map(age_band)),
+        "sex": counts(frame["sex"]),
+        "missing": {name: int(frame[name].isna().sum()) for name in inputs},
+        "age_steps": np.bincount(np.round(age[~np.isnan(age)] / AGE_STEP).astype(np.int64)).tolist(),
+    }
+
+
+def merge_descriptions(parts: Sequence[dict]) -> dict:
+    """Partitions' ``description_counts`` → the ``data_description`` of the whole; the median age is
+    the median of ages rounded to 0.1 year (the exact median needs every value in one place)."""
+    rows = sum(p["rows"] for p in parts)
+    events = sum(p["events"] for p in parts)
+
+    def table(key: str) -> list[dict]:
+        total: dict[str, int] = {}
+        for p in parts:
+            for k, v in p[key].items():
+                total[k] = total.get(k, 0) + v
+        ordered = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [{"level": k, "n": v, "share": v / rows} for k, v in ordered]
+
+    steps = np.zeros(max((len(p["age_steps"]) for p in parts), default=0), dtype=np.int64)
+    for p in parts:
+        steps[: len(p["age_steps"])] += p["age_steps"]
+    cum = np.cumsum(steps)
+    n_age = int(cum[-1]) if len(cum) else 0
+    median = None
+    if n_age:
+        lo, hi = np.searchsorted(cum, [(n_age - 1) // 2 + 1, n_age // 2 + 1])
+        median = float((lo + hi) / 2 * AGE_STEP)
+    inputs = list(parts[0]["missing"]) if parts else []
+    return {
+        "rows": rows,
+        "events": events,
+        "prevalence": events / rows if rows else None,
+        "trigger": table("trigger"),
+        "trigger_family": table("trigger_family"),
+        "age_band": table("age_band"),
+        "age_median": median,
+        "sex": table("sex"),
+        "missingness": {n: sum(p["missing"][n] for p in parts) / rows if rows else 0.0 for n in inputs},
+    }
 
 
 def data_description(frame: pd.DataFrame, inputs: Sequence[str], label: str) -> dict:
     """Who the model learned from: size, outcome rate, trigger mix, age, sex and missingness per input."""
-    y = pd.to_numeric(frame[label], errors="coerce")
-    return {
-        "rows": int(len(frame)),
-        "events": int((y == 1).sum()),
-        "prevalence": float((y == 1).mean()) if len(frame) else None,
-        "trigger": _share_table(frame["trigger"]),
-        "trigger_family": _share_table(frame["trigger"].map(TRIGGER_FAMILY)),
-        "age_band": _share_table(frame["age_years"].map(age_band)),
-        "age_median": float(frame["age_years"].median()),
-        "sex": _share_table(frame["sex"]),
-        "missingness": {name: float(frame[name].isna().mean()) for name in inputs},
-    }
+    described = merge_descriptions([description_counts(frame, inputs, label)])
+    described["age_median"] = float(frame["age_years"].median())  # exact, the frame being at hand
+    return described
 
 
-def _common(*, manifest, config, population, train, test, run, units_file, algorithm, limitations) -> dict:
+def _described(data: pd.DataFrame | Mapping, config: Any) -> dict:
+    """A frame's ``data_description``, or the description itself (a cluster computes it piecewise)."""
+    return dict(data) if isinstance(data, Mapping) else data_description(data, config.inputs, config.label)
+
+
+def _common(*, manifest, config, population, train, test, run, units_file, algorithm, limitations,
+            split=None) -> dict:  # fmt: skip
     """The sections every card has, risk or benefit model alike."""
     from masml.schema import COLUMNS
 
     task = manifest["task"]
     synthetic = bool(manifest["training_data"].get("synthetic"))
-    present = {t["level"] for t in data_description(train, config.inputs, config.label)["trigger"]}
+    train, test = _described(train, config), _described(test, config)
+    present = {t["level"] for t in train["trigger"]}
     absent = [c for c in (COLUMNS["trigger"].categories or ()) if c not in present]
     return {
         "card_format": CARD_FORMAT,
@@ -201,16 +254,15 @@ def _common(*, manifest, config, population, train, test, run, units_file, algor
                 "rows_in": population.rows_in,
                 "skipped_outside_population": population.skipped_outside_population,
                 "skipped_label_missing": population.skipped_label_missing,
-                "rows_used": int(len(train) + len(test)),
-                "events": int((pd.to_numeric(train[config.label]) == 1).sum()
-                              + (pd.to_numeric(test[config.label]) == 1).sum()),
-                "train_rows": int(len(train)),
-                "test_rows": int(len(test)),
-                "split": f"held-out {config.test_size:.0%} stratified and grouped by patient_id "
-                f"(seed {config.seed}); tuning and calibration used the training part only",
+                "rows_used": train["rows"] + test["rows"],
+                "events": train["events"] + test["events"],
+                "train_rows": train["rows"],
+                "test_rows": test["rows"],
+                "split": (split or f"held-out {config.test_size:.0%} stratified and grouped by patient_id "
+                          f"(seed {config.seed})") + "; tuning and calibration used the training part only",
             },
-            "training": data_description(train, config.inputs, config.label),
-            "evaluation": data_description(test, config.inputs, config.label),
+            "training": train,
+            "evaluation": test,
             "inputs": [{"name": i["name"], "unit": i["unit"], "description": i["description"]}
                        for i in manifest["inputs"]],  # fmt: skip
         },
@@ -233,8 +285,8 @@ def card_content(
     manifest: Mapping,
     config: Any,
     population: Any,
-    train: pd.DataFrame,
-    test: pd.DataFrame,
+    train: pd.DataFrame | Mapping,
+    test: pd.DataFrame | Mapping,
     comparison: pd.DataFrame,
     report: Mapping,
     subgroups: pd.DataFrame,
@@ -242,8 +294,11 @@ def card_content(
     figures: Mapping[str, bytes],
     run: Mapping[str, Any],
     units_file: str | None = None,
+    split: str | None = None,
 ) -> dict:
-    """A risk model's card: everything it says, as JSON-ready data taken from the run."""
+    """A risk model's card: everything it says, as JSON-ready data taken from the run.
+
+    ``train`` and ``test``: the frames, or their ``data_description`` (what a cluster run has)."""
     algorithm = (
         f"XGBoost gradient-boosted trees ({run.get('n_trees', '?')} trees), hyper-parameters tuned "
         f"with optuna (TPE, {config.tuning.n_trials} trials, {config.folds}-fold cross-validation grouped by "
@@ -258,14 +313,14 @@ def card_content(
     ]
     card = _common(
         manifest=manifest, config=config, population=population, train=train, test=test, run=run,
-        units_file=units_file, algorithm=algorithm,
+        units_file=units_file, algorithm=algorithm, split=split,
         limitations=[f"Subgroup {w['group']} = {w['level']}: {w['warning']}." for w in warnings],
     )  # fmt: skip
     metric_keys = ("auroc", "auroc_lo", "auroc_hi", "auprc", "auprc_lo", "auprc_hi", "brier",
                    "calibration_slope", "calibration_intercept", "ece", "ece_floor", "ece_vs_truth",
                    "auroc_diff")  # fmt: skip
     card["performance"] = {
-        "test_rows": int(len(test)),
+        "test_rows": card["data"]["flow"]["test_rows"],
         "comparison": comparison.to_dict(orient="records"),
         "model": {k: model_row.get(k) for k in metric_keys if k in model_row},
         "calibration": {k: report[k] for k in ("calibration_intercept", "calibration_slope")},

@@ -29,6 +29,11 @@ out = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI keep fu
 
 DEFAULT_COHORT = Path("data/cohort.parquet")
 
+CLUSTER_HELP = (
+    "Run on a Dask cluster: 'local' (a LocalCluster of 2 worker processes), 'local:N' (N workers) or a "
+    "scheduler address (tcp://host:8786). --data is then Parquet: a file or a folder of them."
+)
+
 
 def _progress() -> Progress:
     return Progress(
@@ -54,13 +59,20 @@ def _simulate_with_progress(n: int, seed: int):
 def cohort(
     n: int = typer.Option(20_000, "--n", min=1, help="Number of patients."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed and n give the same cohort."),
-    out_path: Path = typer.Option(DEFAULT_COHORT, "--out", help="Output file, .csv or .parquet."),
+    out_path: Path = typer.Option(
+        DEFAULT_COHORT, "--out", help="Output file, .csv or .parquet; or a folder (no extension) of "
+        "Parquet partitions, for --cluster."
+    ),
+    partitions: int = typer.Option(8, "--partitions", min=1, help="Files in an --out folder."),
 ) -> None:
     """Write a synthetic cohort (model inputs + labels) and, beside it, its ground truth (FILE.truth.EXT)."""
     from masml.cohort import write_cohort
 
     c = _simulate_with_progress(n, seed)
-    data_path, truth_path = write_cohort(c, out_path)
+    try:
+        data_path, truth_path = write_cohort(c, out_path, partitions=1 if out_path.suffix else partitions)
+    except (FileExistsError, ValueError) as err:
+        _fail(str(err))
     _print_summary(c.data, c.truth)
     out.print(f"cohort: {data_path}\nground truth: {truth_path}")
 
@@ -109,9 +121,15 @@ def train(
     units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
     config: Path | None = typer.Option(None, "--config", help="YAML settings (default: configs/TASK.yaml)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to write (model.onnx + manifest.json)."),
+    cluster: str | None = typer.Option(None, "--cluster", help=CLUSTER_HELP + " Risk models (onset, icu)."),
 ) -> None:
     """Train, evaluate, explain and export one model; track the run in MLflow."""
-    result = _train(task.value, data, out_dir, units=units, config_path=config)
+    options = {"units": units, "config_path": config}
+    if cluster is not None:
+        if task == Task.il1_benefit:
+            _fail("--cluster trains the risk models (onset, icu); il1_benefit trains on one process")
+        options["cluster"] = cluster
+    result = _train(task.value, data, out_dir, **options)
     _print_result(task.value, result)
     out.print(f"bundle: {result.bundle_dir}")
 
@@ -121,13 +139,24 @@ def predict(
     bundle: Path = typer.Argument(..., help="Bundle folder (model.onnx + manifest.json)."),
     data: Path = typer.Option(..., "--data", help="Patients in masml's schema (.csv or .parquet)."),
     units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
-    out_path: Path = typer.Option(..., "--out", help="CSV to write: patient_id and the model's outputs."),
+    out_path: Path = typer.Option(
+        ..., "--out", help="File to write (.csv or .parquet): patient_id and the model's outputs; with "
+        "--cluster, a new folder of Parquet files, one per input partition."
+    ),
+    cluster: str | None = typer.Option(None, "--cluster", help=CLUSTER_HELP),
 ) -> None:
     """Score patients from the bundle alone, through onnxruntime."""
     from masml.bundle import BundleError
     from masml.io import load_dataset, write_table
     from masml.predict import predict_frame
 
+    if cluster is not None:
+        from masml.distributed.predict import predict_partitioned
+
+        result = _on_cluster(cluster, "batch scoring", lambda client: predict_partitioned(
+            client, bundle, data, out_path, units))  # fmt: skip
+        out.print(f"scored {result.rows:,} patients in {result.partitions} partitions: {result.out_dir}")
+        return
     frame = _load(data, units, load_dataset)
     try:
         scored = predict_frame(bundle, frame)
@@ -147,7 +176,7 @@ def main(
 ) -> None:
     """The main job: generate the default cohort, train every model on it, export bundles, compare."""
     data_path = data_dir / "cohort.parquet"
-    cohort(n=n, seed=seed, out_path=data_path)
+    cohort(n=n, seed=seed, out_path=data_path, partitions=1)
     for task in ("onset", "icu", "il1_benefit"):
         config = config_dir / f"{task}.yaml" if config_dir else None
         result = _train(task, data_path, models_dir / task, config_path=config)
@@ -155,9 +184,27 @@ def main(
         out.print(f"{task} bundle: {result.bundle_dir}")
 
 
+def _on_cluster(spec: str, what: str, job):
+    """Connect, run ``job(client)``, and turn cluster and data failures into messages and exit codes."""
+    from masml.distributed.cluster import ClusterError, connect
+    from masml.units import UnitError
+    from masml.validation import SchemaValidationError
+
+    try:
+        with console.status(f"{what} on the cluster ({spec})..."), connect(spec) as client:
+            return job(client)
+    except SchemaValidationError as err:
+        console.print(str(err), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except (ClusterError, UnitError, FileNotFoundError, FileExistsError, ValueError) as err:
+        _fail(str(err))
+
+
 def _train(task: str, data: Path, out_dir: Path, **options):
     from masml.config import ConfigError
+    from masml.distributed.cluster import ClusterError
     from masml.onnx_export import ParityError
+    from masml.tracking import TrackingServerUnreachable
     from masml.training import TrainingDataError
     from masml.units import UnitError
     from masml.validation import SchemaValidationError
@@ -173,7 +220,8 @@ def _train(task: str, data: Path, out_dir: Path, **options):
     except SchemaValidationError as err:
         console.print(str(err), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
-    except (ConfigError, TrainingDataError, UnitError, ParityError, FileNotFoundError) as err:
+    except (ConfigError, TrainingDataError, UnitError, ParityError, FileNotFoundError, ClusterError,
+            TrackingServerUnreachable) as err:  # fmt: skip
         _fail(str(err))
 
 

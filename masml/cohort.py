@@ -888,13 +888,30 @@ def truth_path_for(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.truth{path.suffix}")
 
 
-def write_cohort(cohort: Cohort, path: str | Path) -> tuple[Path, Path]:
-    """Write the model inputs + labels to ``path`` and the ground truth to a separate file beside it."""
+def write_cohort(cohort: Cohort, path: str | Path, partitions: int = 1) -> tuple[Path, Path]:
+    """Write the model inputs + labels to ``path`` and the ground truth to a separate file beside it.
+
+    A ``path`` without extension is a folder of ``partitions`` Parquet files (``part-00000.parquet``,
+    ...: what a cluster reads), its ground truth a folder ``NAME.truth`` laid out row for row alike.
+    """
     from masml.io import write_table
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     truth_path = truth_path_for(path)
-    write_table(cohort.data, path)
-    write_table(cohort.truth, truth_path)
+    if path.suffix:
+        if partitions != 1:
+            raise ValueError(f"{path}: {partitions} partitions need a folder (a path without extension)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(cohort.data, path)
+        write_table(cohort.truth, truth_path)
+        return path, truth_path
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    for folder in (path, truth_path):
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} exists and is not empty; choose a new folder")
+    bounds = np.linspace(0, len(cohort.data), partitions + 1).round().astype(int)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        write_table(cohort.data.iloc[lo:hi], path / f"part-{i:05d}.parquet")
+        write_table(cohort.truth.iloc[lo:hi], truth_path / f"part-{i:05d}.parquet")
     return path, truth_path

@@ -26,9 +26,14 @@ def onnx_session(model_bytes: bytes):
 def predict_frame(bundle_dir: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
     """``patient_id`` and every output the manifest declares (``risk``; or ``benefit`` and the risks)."""
     manifest, model = read_bundle(bundle_dir)
+    return score_frame(manifest, onnx_session(model), frame)
+
+
+def score_frame(manifest: dict, session, frame: pd.DataFrame) -> pd.DataFrame:
+    """``predict_frame`` for a bundle already read and a session already made (a cluster's workers
+    score many partitions with one session each)."""
     names = [i["name"] for i in manifest["inputs"]]
     x = encode_inputs(frame, names)
-    session = onnx_session(model)
     wanted = [o["name"] for o in manifest["outputs"]]
     values = session.run(wanted, {session.get_inputs()[0].name: x})
     out = pd.DataFrame({"patient_id": frame["patient_id"].to_numpy()})

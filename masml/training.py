@@ -98,11 +98,11 @@ def _binary(frame: pd.DataFrame, column: str) -> pd.Series:
     return values.astype(float)
 
 
-def select_population(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, PopulationReport]:
-    """Rows the task is defined on, with the label present; skipped rows are counted in the report.
+def population_rows(frame: pd.DataFrame, config: Config) -> tuple[pd.Series, dict[str, int]]:
+    """Which rows the task is defined on with the label present, and the counts of what was skipped.
 
-    Refuses (``TrainingDataError``) a missing label column, label values other than 0/1, an empty
-    population, and fewer than ``config.min_events`` rows of either class.
+    Split from ``select_population`` so that a cluster can run it on each partition and add up the
+    counts. Refuses a missing label column and label values other than 0/1.
     """
     label = config.label
     if label not in frame.columns:
@@ -120,22 +120,26 @@ def select_population(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame
         raise TrainingDataError(f"unknown population {config.population!r}")
     has_label = y.notna()
     keep = inside & has_label
-    report = PopulationReport(
-        task=config.task,
-        label=label,
-        population=config.population,
-        rows_in=len(frame),
-        skipped_outside_population=int((~inside).sum()),
-        skipped_label_missing=int((inside & ~has_label).sum()),
-        rows_used=int(keep.sum()),
-        events=int((y[keep] == 1).sum()),
-        non_events=int((y[keep] == 0).sum()),
-    )
+    counts = {
+        "rows_in": len(frame),
+        "skipped_outside_population": int((~inside).sum()),
+        "skipped_label_missing": int((inside & ~has_label).sum()),
+        "rows_used": int(keep.sum()),
+        "events": int((y[keep] == 1).sum()),
+        "non_events": int((y[keep] == 0).sum()),
+    }
+    return keep, counts
+
+
+def population_report(config: Config, counts: dict[str, int]) -> PopulationReport:
+    """The report of ``population_rows``' counts (summed over partitions, on a cluster); refuses an empty
+    population and fewer than ``config.min_events`` rows of either class."""
+    report = PopulationReport(task=config.task, label=config.label, population=config.population, **counts)
     if report.rows_used == 0:
         raise TrainingDataError(
             f"the population is empty: of {report.rows_in} rows, {report.skipped_outside_population} are "
             f"outside population {config.population!r} and {report.skipped_label_missing} have no "
-            f"{label!r} value"
+            f"{config.label!r} value"
         )
     for what, count in (
         ("events (label == 1)", report.events),
@@ -146,6 +150,17 @@ def select_population(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame
                 f"too few {what} to train the {config.task!r} model: found {count} among "
                 f"{report.rows_used} rows, need at least {config.min_events} (config 'min_events')"
             )
+    return report
+
+
+def select_population(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, PopulationReport]:
+    """Rows the task is defined on, with the label present; skipped rows are counted in the report.
+
+    Refuses (``TrainingDataError``) a missing label column, label values other than 0/1, an empty
+    population, and fewer than ``config.min_events`` rows of either class.
+    """
+    keep, counts = population_rows(frame, config)
+    report = population_report(config, counts)
     return frame.loc[keep].reset_index(drop=True), report
 
 
@@ -281,6 +296,27 @@ def _starting_point(bounds: dict[str, list[float]]) -> dict[str, Any]:
     }
 
 
+def search(objective: Callable[[int, dict[str, Any]], float], config: Config):
+    """The hyper-parameter search both engines share: a seeded TPE sampler, the known-good starting
+    point as trial 0, then ``config.tuning.n_trials`` trials in all (fewer only if the ``timeout_s``
+    cap stops it). ``objective(trial_number, params)`` returns the mean CV log loss; the optuna study
+    is returned."""
+    import optuna
+
+    bounds = config.tuning.bounds()
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        sampler = optuna.samplers.TPESampler(seed=config.seed)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        study.enqueue_trial(_starting_point(bounds))
+        study.optimize(lambda trial: objective(trial.number, _suggest(trial, bounds)),
+                       n_trials=config.tuning.n_trials, timeout=config.tuning.timeout_s)  # fmt: skip
+    finally:
+        optuna.logging.set_verbosity(previous)
+    return study
+
+
 def _cross_validate(
     folds: list[tuple[Any, Any, np.ndarray, np.ndarray]],
     f: np.ndarray,
@@ -321,7 +357,6 @@ def tune_and_fit(
 
     ``on_trial`` (optional) is called with each finished trial's record, for progress output.
     """
-    import optuna
     import xgboost as xgb
 
     started = time.perf_counter()
@@ -346,29 +381,19 @@ def tune_and_fit(
         dvalid = xgb.DMatrix(f[va], label=y[va], nthread=NTHREAD)
         folds.append((dtrain, dvalid, tr, va))
 
-    bounds = config.tuning.bounds()
     results: dict[int, tuple[np.ndarray, list[int]]] = {}
     records: list[dict[str, Any]] = []
 
-    def objective(trial) -> float:
-        params = _suggest(trial, bounds)
+    def objective(number: int, params: dict[str, Any]) -> float:
         loss, oof, rounds = _cross_validate(folds, f, params, config)
-        results[trial.number] = (oof, rounds)
-        record = {"number": trial.number, "params": params, "value": loss, "n_rounds": int(np.mean(rounds))}
+        results[number] = (oof, rounds)
+        record = {"number": number, "params": params, "value": loss, "n_rounds": int(np.mean(rounds))}
         records.append(record)
         if on_trial is not None:
             on_trial(record)
         return loss
 
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        sampler = optuna.samplers.TPESampler(seed=config.seed)
-        study = optuna.create_study(direction="minimize", sampler=sampler)
-        study.enqueue_trial(_starting_point(bounds))
-        study.optimize(objective, n_trials=config.tuning.n_trials, timeout=config.tuning.timeout_s)
-    finally:
-        optuna.logging.set_verbosity(previous)
+    study = search(objective, config)
 
     best = study.best_trial
     best_params = {name: best.params[name] for name in SEARCH_SPACE}
@@ -394,6 +419,29 @@ def tune_and_fit(
         fit_seconds=time.perf_counter() - started,
         fold_best_rounds=list(fold_rounds),
     )
+
+
+@dataclass
+class RiskTraining:
+    """A trained risk model and what its evaluation needs of the data, whichever engine trained it.
+
+    The single-process path and the cluster path (``masml.distributed.train``) both end here, so that
+    evaluation, export, tracking and the card are one code path. Nothing in it is data-sized except
+    ``held_out`` (a few columns per held-out patient) and ``x_check`` (input rows for the parity gate,
+    SHAP and the champion comparison: all held-out rows on one process, a seeded sample on a cluster).
+    """
+
+    model: TrainedRiskModel
+    population: PopulationReport
+    # y, trigger, age_years, sex, score.*, hscore_probability, risk, baseline[, ceiling]
+    held_out: pd.DataFrame
+    x_check: np.ndarray
+    y_check: np.ndarray
+    train_description: dict  # masml.card.data_description of the training rows
+    test_description: dict
+    training_data: dict  # the manifest's training_data section
+    split: str  # how the held-out set was drawn, in words (for the card)
+    log_dataset: Callable[[], None]  # logs the training data as an MLflow dataset input
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,13 @@ from masml.encoding import encode_inputs, input_spec
 from masml.io import load_dataset, read_table
 from masml.predict import onnx_session
 from masml.schema import TRIGGER_FAMILY, age_band
-from masml.training import fit_logistic_baseline, select_population, split_holdout, tune_and_fit
+from masml.training import (
+    RiskTraining,
+    fit_logistic_baseline,
+    select_population,
+    split_holdout,
+    tune_and_fit,
+)
 
 TRUTH_COLUMN = {"mas_onset": "true_p_mas_onset", "icu_admission": "true_p_icu_admission"}
 LABEL_DEFINITION = {
@@ -72,16 +78,25 @@ def _truth_for(data_path: Path, frame: pd.DataFrame, label: str) -> np.ndarray |
     return values.reindex(frame["patient_id"].astype(str)).to_numpy(dtype=float)
 
 
-def _score_predictions(test: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each clinical score on the rows it applies to: name -> (row mask, score)."""
-    out = {}
+def held_out_columns(test: pd.DataFrame, label: str) -> pd.DataFrame:
+    """What the evaluation needs of each held-out patient besides the model's risk: the label, the
+    subgroup columns and every clinical score (NaN where a score does not apply). A cluster computes it
+    on each partition, so only these few columns, never the data, reach the process that evaluates."""
+    out = pd.DataFrame(
+        {
+            "y": pd.to_numeric(test[label]).to_numpy(dtype=float),
+            "trigger": test["trigger"].to_numpy(),
+            "age_years": test["age_years"].to_numpy(dtype=float),
+            "sex": test["sex"].to_numpy(),
+        }
+    )
     for name, fn in BASELINE_SCORES.items():
-        mask = np.ones(len(test), bool)
-        if name in SCORE_APPLIES:
-            mask = test["trigger"].isin(SCORE_APPLIES[name]).to_numpy()
         values = fn(test).to_numpy(dtype=float)
-        mask = mask & ~np.isnan(values)
-        out[name] = (mask, values)
+        if name in SCORE_APPLIES:
+            values = np.where(test["trigger"].isin(SCORE_APPLIES[name]).to_numpy(), values, np.nan)
+        out[f"score.{name}"] = values
+    # HScore as the probability its published table gives (Fardet 2014): today's decision rule.
+    out["hscore_probability"] = scores.hscore_probability(test).to_numpy(dtype=float)
     return out
 
 
@@ -95,14 +110,34 @@ def run_risk_pipeline(
     config: Config | None = None,
     log: Callable[[str], None] = print,
     track: bool = True,
+    cluster: str | None = None,
 ) -> RiskRunResult:
-    """Train, evaluate, explain and export one risk model; track the run in MLflow."""
+    """Train, evaluate, explain and export one risk model; track the run in MLflow.
+
+    ``cluster`` (``local``, ``local:N`` or ``tcp://SCHEDULER``) trains with ``xgboost.dask`` on
+    partitioned Parquet; everything after training (evaluation, export, tracking, card) is the same.
+    """
     data_path, out_dir = Path(data_path), Path(out_dir)
     config = config or load_config(config_path, task)
+    if track:
+        tracking.check_server()  # a tracking server that is down fails the run now, not after training
+    if cluster is None:
+        trained = _train_here(data_path, units, config, log)
+    else:
+        from masml.distributed.cluster import connect
+        from masml.distributed.train import train_on_cluster
+
+        with connect(cluster) as client:
+            trained = train_on_cluster(client, data_path, units, config, held_out_columns, log)
+    return _evaluate_and_export(task, trained, data_path, out_dir, units, config, log, track)
+
+
+def _train_here(data_path: Path, units, config: Config, log) -> RiskTraining:
+    """The single-process path: the whole dataset in memory, an exactly stratified grouped split."""
     frame = load_dataset(data_path, units, require_labels=(config.label,))
     pop, population = select_population(frame, config)
     log(
-        f"{task}: {population.rows_used:,} rows used ({population.events:,} events); skipped "
+        f"{config.task}: {population.rows_used:,} rows used ({population.events:,} events); skipped "
         f"{population.skipped_outside_population:,} outside the population and "
         f"{population.skipped_label_missing:,} with no label"
     )
@@ -121,16 +156,46 @@ def run_risk_pipeline(
     baseline = fit_logistic_baseline(
         x[train_idx], y[train_idx], config.inputs, seed=config.seed, score_features=config.score_features
     )
-
-    # ---- held-out evaluation, beside the baselines and the ceiling
     test = pop.iloc[test_idx].reset_index(drop=True)
-    x_test, y_test = x[test_idx], y[test_idx]
-    risk = model.predict_risk(x_test)
+    x_test = x[test_idx]
+    held = held_out_columns(test, config.label)
+    held["risk"] = model.predict_risk(x_test)
+    held["baseline"] = baseline.predict_risk(x_test)
+    truth = _truth_for(data_path, pop, config.label)
+    if truth is not None:
+        held["ceiling"] = truth[test_idx]
+    source = str(data_path.name)
+    return RiskTraining(
+        model=model,
+        population=population,
+        held_out=held,
+        x_check=x_test,
+        y_check=y[test_idx],
+        train_description=card.data_description(pop.iloc[train_idx], config.inputs, config.label),
+        test_description=card.data_description(test, config.inputs, config.label),
+        training_data={
+            "source": source,
+            "fingerprint": data_fingerprint(frame),
+            "rows": int(len(frame)),
+            "rows_used": population.rows_used,
+            "train_rows": int(len(train_idx)),
+            "test_rows": int(len(test_idx)),
+            "synthetic": truth is not None,
+        },
+        split=f"held-out {config.test_size:.0%} stratified and grouped by patient_id (seed {config.seed})",
+        log_dataset=lambda: tracking.log_dataset(frame, source, config.label, "training"),
+    )
+
+
+def _evaluate_and_export(task, trained: RiskTraining, data_path, out_dir, units, config, log, track):
+    """Evaluate beside the baselines and the ceiling, explain, export, track, write the card."""
+    model, held = trained.model, trained.held_out
+    y_test, risk = held["y"].to_numpy(dtype=float), held["risk"].to_numpy(dtype=float)
+    x_check = trained.x_check
     boot = {"n_boot": config.n_boot, "seed": config.seed}
     report = evaluation.evaluate(y_test, risk, thresholds=config.thresholds, **boot)
-    predictions = {"model": risk, "logistic_baseline": baseline.predict_risk(x_test)}
-    truth = _truth_for(data_path, pop, config.label)
-    ceiling = truth[test_idx] if truth is not None else None
+    predictions = {"model": risk, "logistic_baseline": held["baseline"].to_numpy(dtype=float)}
+    ceiling = held["ceiling"].to_numpy(dtype=float) if "ceiling" in held else None
     if ceiling is not None and not np.isnan(ceiling).any():
         predictions["ceiling"] = ceiling
     comparison = evaluation.compare(
@@ -148,7 +213,9 @@ def run_risk_pipeline(
                                       for m in comparison["model"]]  # fmt: skip
     score_rows = []
     curves = {name: (np.ones(len(y_test), bool), values) for name, values in predictions.items()}
-    for name, (mask, values) in _score_predictions(test).items():
+    for name in BASELINE_SCORES:
+        values = held[f"score.{name}"].to_numpy(dtype=float)
+        mask = ~np.isnan(values)
         if mask.sum() >= 20 and len(np.unique(y_test[mask])) == 2:
             row = evaluation.compare(y_test[mask], {name: values[mask]}, **boot).reset_index()
             row["rows"] = int(mask.sum())
@@ -157,9 +224,9 @@ def run_risk_pipeline(
     if score_rows:
         comparison = pd.concat([comparison, *score_rows], ignore_index=True)
     subgroups = {
-        "trigger_family": test["trigger"].map(TRIGGER_FAMILY).to_numpy(),
-        "age_band": test["age_years"].map(age_band).to_numpy(),
-        "sex": test["sex"].to_numpy(),
+        "trigger_family": held["trigger"].map(TRIGGER_FAMILY).to_numpy(),
+        "age_band": held["age_years"].map(age_band).to_numpy(),
+        "sex": held["sex"].to_numpy(),
     }
     subgroup_table = evaluation.subgroup_report(y_test, risk, subgroups, seed=config.seed)
     for _, row in subgroup_table[subgroup_table["warning"].astype(str) != ""].iterrows():
@@ -167,12 +234,11 @@ def run_risk_pipeline(
 
     # ---- explanations (a sample of held-out rows keeps the run fast)
     rng = np.random.default_rng(config.seed)
-    sample = np.sort(rng.choice(len(x_test), size=min(len(x_test), 2_000), replace=False))
-    expl = explain.shap_explanation(model.booster, model.features(x_test[sample]), model.feature_names)
+    sample = np.sort(rng.choice(len(x_check), size=min(len(x_check), 2_000), replace=False))
+    expl = explain.shap_explanation(model.booster, model.features(x_check[sample]), model.feature_names)
     importance = explain.global_importance(expl)
     with tempfile.TemporaryDirectory() as tmp:
-        # HScore as the probability its published table gives (Fardet 2014): today's decision rule.
-        hscore_p = {"hscore_probability": scores.hscore_probability(test).to_numpy(dtype=float)}
+        hscore_p = {"hscore_probability": held["hscore_probability"].to_numpy(dtype=float)}
         drawn = plots.evaluation_plots(y_test, curves, Path(tmp) / "plots", decision_only=hscore_p)
         drawn += explain.save_plots(expl, tmp)
         figures = {path.stem: path.read_bytes() for path in drawn}
@@ -181,12 +247,12 @@ def run_risk_pipeline(
     onnx_model = onnx_export.risk_model_to_onnx(
         model.booster, model.spec, len(config.inputs), model.calibrator, input_names=list(config.inputs)
     )
-    parity = onnx_export.parity_gate(onnx_model, model.booster, model.spec, model.calibrator, x_test)
+    parity = onnx_export.parity_gate(onnx_model, model.booster, model.spec, model.calibrator, x_check)
     log(f"{task}: ONNX parity max |Δrisk| = {parity['max_abs_diff_risk']:.2e} over {parity['n_rows']:,} rows")
     # ---- explainer: exact SHAP of the margin as a second graph, checked against shap.TreeExplainer
     explainer, explainer_section = shap_export.explainer_to_onnx(model.booster, model.spec, config.inputs)
     ex_parity = shap_export.explainer_parity_gate(
-        explainer, model.booster, model.spec, x_test[sample], model=onnx_model
+        explainer, model.booster, model.spec, x_check[sample], model=onnx_model
     )
     parity["explainer"] = ex_parity
     explainer_section["parity"] = {k: v for k, v in ex_parity.items() if k != "by_kind"}
@@ -207,7 +273,7 @@ def run_risk_pipeline(
         "thresholds": list(config.thresholds),
         "calibration": model.calibrator.kind,
         "metrics": {
-            "test_rows": int(len(test_idx)),
+            "test_rows": int(len(held)),
             "auroc": report["auroc"],
             "auprc": report["auprc"],
             "brier": report["brier"],
@@ -217,15 +283,7 @@ def run_risk_pipeline(
             "ece_floor": float(model_row["ece_floor"]),
             **({"ece_vs_truth": float(model_row["ece_vs_truth"])} if "ece_vs_truth" in model_row else {}),
         },
-        "training_data": {
-            "source": str(data_path.name),
-            "fingerprint": data_fingerprint(frame),
-            "rows": int(len(frame)),
-            "rows_used": population.rows_used,
-            "train_rows": int(len(train_idx)),
-            "test_rows": int(len(test_idx)),
-            "synthetic": truth is not None,
-        },
+        "training_data": trained.training_data,
         "owner": config.owner,
         "contact": config.contact,
         "explainer": explainer_section,
@@ -237,17 +295,18 @@ def run_risk_pipeline(
     result.extra = {
         "importance": importance,
         "subgroups": subgroup_table,
-        "population": population,
+        "population": trained.population,
         "model": model,
         "curves": curves,
         "y_test": y_test,
         "figures": figures,
     }
     if track:
-        _track(result, config, frame, model, x_test, y_test, model_bytes, subgroup_table, log)
+        _track(result, config, trained, model_bytes, subgroup_table, log)
     card_data = card.card_content(
-        manifest=written, config=config, population=population, train=pop.iloc[train_idx],
-        test=test, comparison=comparison, report=report, subgroups=subgroup_table, importance=importance,
+        manifest=written, config=config, population=trained.population, train=trained.train_description,
+        test=trained.test_description, split=trained.split, comparison=comparison, report=report,
+        subgroups=subgroup_table, importance=importance,
         figures=figures, units_file=str(units) if units else None,
         run={"run_id": result.run_id, "version": result.registered_version, "n_trees": model.n_rounds,
              "best_params": model.best_params, "tracking_uri": tracking.tracking_uri() if track else ""},
@@ -260,15 +319,16 @@ def run_risk_pipeline(
     return result
 
 
-def _track(result, config, frame, model, x_test, y_test, model_bytes, subgroup_table, log) -> None:
+def _track(result, config, trained: RiskTraining, model_bytes, subgroup_table, log) -> None:
     import mlflow
 
+    model, x_check, y_check = trained.model, trained.x_check, trained.y_check
     with tracking.run(config.mlflow_experiment, f"{config.task}-seed{config.seed}") as active:
         result.run_id = active.info.run_id
         mlflow.log_params({f"config.{k}": v for k, v in _flat(config.to_dict()).items()})
         mlflow.log_params({f"best.{k}": v for k, v in model.best_params.items()})
         mlflow.log_param("n_rounds", model.n_rounds)
-        tracking.log_dataset(frame, result.manifest["training_data"]["source"], config.label, "training")
+        trained.log_dataset()
         mlflow.log_metrics(tracking.flat_metrics("test", result.manifest["metrics"]))
         mlflow.log_metric("cv_logloss", model.cv_logloss)
         mlflow.log_metric("parity_max_abs_diff", result.parity["max_abs_diff_risk"])
@@ -291,16 +351,17 @@ def _track(result, config, frame, model, x_test, y_test, model_bytes, subgroup_t
                 mlflow.log_artifact(str(tmp / name), "evaluation")
             mlflow.log_artifact(str(tmp / "evaluation.json"), "evaluation")
         mlflow.log_artifacts(str(result.bundle_dir), "bundle")
-        example = onnx_session(model_bytes).run(None, {"inputs": x_test[:5]})
+        example = onnx_session(model_bytes).run(None, {"inputs": x_check[:5]})
         outputs = dict(zip(("risk", "margin"), example, strict=True))
-        version = tracking.log_onnx_model(model_bytes, x_test[:5], outputs, config.registered_model)
+        version = tracking.log_onnx_model(model_bytes, x_check[:5], outputs, config.registered_model)
         result.registered_version = str(version.version)
-        new_auroc = evaluation.auroc(y_test, _graph_risk(model_bytes, x_test))
+        # like for like: the new graph and the champion's on the same held-out rows
+        new_auroc = evaluation.auroc(y_check, _graph_risk(model_bytes, x_check))
         promoted, message = tracking.promote_if_better(
             config.registered_model,
             result.registered_version,
             new_auroc,
-            lambda champion: evaluation.auroc(y_test, _graph_risk(champion, x_test)),
+            lambda champion: evaluation.auroc(y_check, _graph_risk(champion, x_check)),
         )
         result.champion_message = message
         mlflow.set_tag("champion", str(promoted))

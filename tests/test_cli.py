@@ -45,6 +45,20 @@ def test_cohort_writes_data_and_truth_apart_and_is_reproducible(tmp_path, ext):
         assert sha(first) == sha(second)
 
 
+def test_cohort_into_a_folder_writes_partitions_with_truth_alike(tmp_path):
+    folder = tmp_path / "parts"
+    r = run("cohort", "--n", "900", "--seed", "4", "--out", str(folder), "--partitions", "3")
+    assert r.returncode == 0, r.stderr
+    files = sorted(folder.glob("*.parquet"))
+    truths = sorted((tmp_path / "parts.truth").glob("*.parquet"))
+    assert [f.name for f in files] == [f.name for f in truths] == [f"part-0000{i}.parquet" for i in range(3)]
+    data = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    truth = pd.concat([pd.read_parquet(f) for f in truths], ignore_index=True)
+    assert len(data) == 900 and data["patient_id"].tolist() == truth["patient_id"].tolist()
+    again = run("cohort", "--n", "900", "--seed", "4", "--out", str(folder))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
 def test_cohort_output_validates_and_its_truth_is_refused_as_input(tmp_path):
     path = tmp_path / "c.csv"
     assert run("cohort", "--n", "500", "--seed", "1", "--out", str(path)).returncode == 0

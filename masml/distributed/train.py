@@ -1,0 +1,314 @@
+"""A risk model trained on a Dask cluster: the same population, features, tuning, calibration and
+booster as ``masml.training``, with the data left on the workers.
+
+What each step does on the cluster, and where it differs from one process:
+
+* Validation, population, features, the held-out columns and the data description run on each
+  partition where it lies (``masml.distributed.data``; ``population_rows``, ``features.transform``,
+  ``held_out_columns``, ``card.description_counts``); only counts and per-row scalars come back.
+* Split and folds: a seeded hash of ``patient_id``, so every row of a patient lands on the same side
+  without a shuffle across workers. This is grouped exactly but stratified only in expectation (with
+  events in the tens of thousands the test prevalence is within a few tenths of a percent of the
+  whole); the single-process split is stratified exactly, so the two engines hold out different
+  patients and their metrics differ by sampling noise.
+* Tuning: the same seeded TPE search; each trial is a K-fold cross-validation whose every fold is one
+  ``xgboost.dask`` training using the whole cluster, with early stopping on the fold's validation rows.
+  Trials therefore run one after another, each in parallel across the workers.
+* Calibration is fitted on the out-of-fold margins of the best trial, gathered to this process: two
+  numbers per training row. The logistic baseline is fitted on a seeded sample of at most
+  ``BASELINE_ROWS`` training rows. The parity gate, SHAP and the champion comparison use a seeded sample
+  of at most ``CHECK_ROWS`` held-out input rows.
+* Every ``xgboost.dask`` call runs under ``cluster.guarded``: a lost worker fails the run with a clear
+  error instead of hanging it.
+
+Reproducibility: with the same data, partitions, config, seed and number of workers the run is
+repeatable; xgboost's distributed histograms depend on how rows are spread over workers, so a different
+cluster shape gives a (slightly) different booster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from masml import card, features
+from masml.calibration import fit_calibrator
+from masml.config import SEARCH_SPACE, Config
+from masml.distributed.cluster import COLLECTIVE_TIMEOUT_S, guarded, threads_per_worker
+from masml.distributed.data import Piece, load_partitioned, pieces, read_piece
+from masml.encoding import encode_inputs
+from masml.training import (
+    RiskTraining,
+    TrainedRiskModel,
+    TrainingDataError,
+    booster_params,
+    fit_logistic_baseline,
+    population_report,
+    population_rows,
+    search,
+)
+
+CHECK_ROWS = 20_000  # held-out input rows brought here for the parity gate, SHAP and champion checks
+BASELINE_ROWS = 100_000  # training rows the logistic baseline is fitted on
+SPLIT_SALT, FOLD_SALT, SAMPLE_SALT = 0, 1, 2
+TRUTH_COLUMN = {"mas_onset": "true_p_mas_onset", "icu_admission": "true_p_icu_admission"}
+
+
+def patient_uniform(ids: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per patient id, the same on every worker and in every run."""
+    key = f"masml{seed % 10**8:08d}{salt:03d}"  # siphash key: exactly 16 characters
+    h = pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False)
+    return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def _prepare(frame: pd.DataFrame, config: Config, spec: list, names: list[str]) -> dict[str, Any]:
+    """Runs on a worker: population, split, folds, input matrix and features of one partition."""
+    keep, counts = population_rows(frame, config)
+    pop = frame.loc[keep].reset_index(drop=True)
+    ids = pop["patient_id"].astype(str).to_numpy(dtype=object)
+    test = patient_uniform(ids, config.seed, SPLIT_SALT) < config.test_size
+    x = encode_inputs(pop, config.inputs)
+    feat = pd.DataFrame(features.transform(x, spec), columns=names)
+    feat["__y"] = pop[config.label].to_numpy(dtype=np.float32)
+    feat["__test"] = test
+    feat["__fold"] = np.floor(patient_uniform(ids, config.seed, FOLD_SALT) * config.folds).astype(np.int8)
+    feat["__sample"] = patient_uniform(ids, config.seed, SAMPLE_SALT)
+    counts["test_rows"] = int(test.sum())
+    return {"keep": keep.to_numpy(), "pop": pop, "x": x, "features": feat, "counts": counts}
+
+
+def _counts(prep: dict) -> dict:
+    return prep["counts"]
+
+
+def _features(prep: dict) -> pd.DataFrame:
+    return prep["features"]
+
+
+def _descriptions(prep: dict, inputs: list[str], label: str) -> tuple[dict, dict]:
+    test = prep["features"]["__test"].to_numpy()
+    pop = prep["pop"]
+    return (card.description_counts(pop.loc[~test], inputs, label),
+            card.description_counts(pop.loc[test], inputs, label))  # fmt: skip
+
+
+def _row_hashes(frame: pd.DataFrame) -> bytes:
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()
+
+
+def _sample(prep: dict, held_out: bool, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    feat = prep["features"]
+    rows = (feat["__test"].to_numpy() == held_out) & (feat["__sample"].to_numpy() < fraction)
+    return prep["x"][rows], feat["__y"].to_numpy(dtype=np.float64)[rows]
+
+
+def _held_out(prep: dict, truth: tuple[Piece, str] | None, models: dict, columns: Callable, label: str,
+              names: list[str]) -> pd.DataFrame:  # fmt: skip
+    """Runs on a worker: the evaluation's columns of one partition's held-out rows, and their risks."""
+    test = prep["features"]["__test"].to_numpy()
+    held = columns(prep["pop"].loc[test].reset_index(drop=True), label)
+    f = prep["features"].loc[test, names].to_numpy(dtype=np.float32)
+    margin = models["booster"].inplace_predict(f, predict_type="margin") if len(f) else np.zeros(0)
+    held["risk"] = models["calibrator"].apply(margin)
+    held["baseline"] = models["baseline"].predict_risk(prep["x"][test]) if len(f) else np.zeros(0)
+    if truth is not None:
+        piece, column = truth
+        t = read_piece(piece)
+        ids = t["patient_id"].astype(str).to_numpy()[prep["keep"]]
+        if column in t.columns and np.array_equal(ids, prep["pop"]["patient_id"].astype(str).to_numpy()):
+            held["ceiling"] = pd.to_numeric(t[column]).to_numpy(dtype=float)[prep["keep"]][test]
+    return held
+
+
+def _truth_pieces(data_path: Path, parts: list[Piece], label: str) -> list[tuple[Piece, str] | None]:
+    """The ground truth beside a simulated cohort, piece by piece, when it is laid out like the data."""
+    from masml.cohort import truth_path_for
+
+    path, column = truth_path_for(data_path), TRUTH_COLUMN.get(label)
+    if column is None or not path.exists():
+        return [None] * len(parts)
+    truth = pieces(path)
+    if [p.rows for p in truth] != [p.rows for p in parts]:
+        return [None] * len(parts)
+    return [(t, column) for t in truth]
+
+
+def _dataset_logger(data_path: Path, fingerprint: str) -> Callable[[], None]:
+    def log() -> None:
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = resolve_dataset_source(str(data_path.resolve()))
+        dataset = MetaDataset(source, name=data_path.name, digest=fingerprint[:16])
+        mlflow.log_input(dataset, context="training")
+
+    return log
+
+
+def train_on_cluster(client, data_path: str | Path, units, config: Config, held_out_columns: Callable,
+                     log: Callable[[str], None] = print) -> RiskTraining:  # fmt: skip
+    """``pipelines.risk``'s training step on a cluster; ``held_out_columns(test_frame, label)`` gives the
+    evaluation's columns for a partition's held-out rows (it runs on the workers)."""
+    started = time.perf_counter()
+    data_path = Path(data_path)
+    loaded = load_partitioned(client, data_path, units, require_labels=(config.label,))
+    log(f"{config.task}: {loaded.rows:,} rows in {len(loaded.pieces)} partitions validated on the cluster")
+    spec = features.feature_spec(config.inputs, config.score_features)
+    names = features.feature_names(spec)
+    prepared = client.map(_prepare, loaded.partitions, config=config, spec=spec, names=names, pure=False)
+    counts = client.gather(client.map(_counts, prepared, pure=False))
+    total = {k: sum(c[k] for c in counts) for k in counts[0] if k != "test_rows"}
+    population = population_report(config, total)
+    n_test = sum(c["test_rows"] for c in counts)
+    n_train = population.rows_used - n_test
+    if n_test == 0 or n_train == 0:
+        raise TrainingDataError(f"cannot split {population.rows_used} rows with test_size={config.test_size}")
+    log(f"{config.task}: {population.rows_used:,} rows used ({population.events:,} events); skipped "
+        f"{population.skipped_outside_population:,} outside the population and "
+        f"{population.skipped_label_missing:,} with no label; {n_test:,} held out")  # fmt: skip
+
+    import dask.dataframe as dd
+
+    feat_meta = client.submit(lambda p: p["features"].iloc[:0], prepared[0]).result()
+    feat = dd.from_delayed(client.map(_features, prepared, pure=False), meta=feat_meta, verify_meta=False)
+    train = feat[~feat["__test"]]
+    model = _tune_and_fit(client, train, names, spec, config, log)
+
+    sample_train = min(1.0, BASELINE_ROWS / n_train)
+    xs, ys = zip(*client.gather(client.map(_sample, prepared, held_out=False, fraction=sample_train,
+                                           pure=False)), strict=True)  # fmt: skip
+    baseline = fit_logistic_baseline(np.concatenate(xs), np.concatenate(ys), config.inputs, seed=config.seed,
+                                     score_features=config.score_features)  # fmt: skip
+    [models] = client.scatter([{"booster": model.booster, "calibrator": model.calibrator,
+                                "baseline": baseline}], broadcast=True)  # fmt: skip
+    truth = _truth_pieces(data_path, loaded.pieces, config.label)
+    held_parts = client.gather(client.map(
+        _held_out, prepared, truth, models=models, columns=held_out_columns, label=config.label,
+        names=names, pure=False))  # fmt: skip
+    held = pd.concat(held_parts, ignore_index=True)
+    synthetic = "ceiling" in held.columns and not held["ceiling"].isna().any()
+    if not synthetic:
+        held = held.drop(columns=["ceiling"], errors="ignore")
+    sample_test = min(1.0, CHECK_ROWS / n_test)
+    xs, ys = zip(*client.gather(client.map(_sample, prepared, held_out=True, fraction=sample_test,
+                                           pure=False)), strict=True)  # fmt: skip
+    x_check, y_check = np.concatenate(xs), np.concatenate(ys)
+
+    described = client.gather(client.map(_descriptions, prepared, inputs=config.inputs, label=config.label,
+                                         pure=False))  # fmt: skip
+    digest = hashlib.sha256()
+    columns = client.submit(lambda f: list(map(str, f.columns)), loaded.partitions[0]).result()
+    digest.update("\x1f".join(columns).encode())
+    for chunk in client.gather(client.map(_row_hashes, loaded.partitions, pure=False)):
+        digest.update(chunk)  # the same bytes, in the same order, as masml.bundle.data_fingerprint
+    fingerprint = digest.hexdigest()
+    log(f"{config.task}: trained on the cluster in {time.perf_counter() - started:.0f} s")
+    return RiskTraining(
+        model=model,
+        population=population,
+        held_out=held,
+        x_check=x_check,
+        y_check=y_check,
+        train_description=card.merge_descriptions([d[0] for d in described]),
+        test_description=card.merge_descriptions([d[1] for d in described]),
+        training_data={
+            "source": data_path.name,
+            "fingerprint": fingerprint,
+            "rows": loaded.rows,
+            "rows_used": population.rows_used,
+            "train_rows": n_train,
+            "test_rows": n_test,
+            "synthetic": synthetic,
+            "engine": f"dask ({len(client.scheduler_info(n_workers=-1)['workers'])} workers, "
+            f"{len(loaded.pieces)} partitions)",
+        },
+        split=f"held-out {config.test_size:.0%} by a seeded hash of patient_id (seed {config.seed}): grouped "
+        "by patient, stratified in expectation",
+        log_dataset=_dataset_logger(data_path, fingerprint),
+    )
+
+
+def _tune_and_fit(client, train, names: list[str], spec: list, config: Config, log) -> TrainedRiskModel:
+    """``masml.training.tune_and_fit`` with every xgboost training on the cluster."""
+    import xgboost.dask as dxgb
+    from xgboost.collective import Config as CollConfig
+
+    started = time.perf_counter()
+    nthread = threads_per_worker(client)
+    coll = CollConfig(timeout=COLLECTIVE_TIMEOUT_S)
+    folds = []
+    for k in range(config.folds):
+        tr, va = train[train["__fold"] != k], train[train["__fold"] == k]
+        dtr = dxgb.DaskQuantileDMatrix(client, tr[names], label=tr["__y"])
+        dva = dxgb.DaskQuantileDMatrix(client, va[names], label=va["__y"], ref=dtr)
+        folds.append((dtr, dva, va))
+
+    def params_of(params: dict) -> dict:
+        return {**booster_params(params, config.seed), "nthread": nthread}
+
+    tuning = config.tuning
+    best: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+
+    def objective(number: int, params: dict[str, Any]) -> float:
+        losses, rounds, boosters = [], [], []
+        for dtr, dva, _ in folds:
+            out = guarded(client, lambda dtr=dtr, dva=dva: dxgb.train(
+                client, params_of(params), dtr, num_boost_round=tuning.max_rounds, evals=[(dva, "valid")],
+                early_stopping_rounds=tuning.early_stopping_rounds, verbose_eval=False, coll_cfg=coll,
+            ), "tuning")  # fmt: skip
+            booster = out["booster"]
+            losses.append(float(booster.best_score))
+            rounds.append(int(booster.best_iteration) + 1)
+            boosters.append(booster)
+        loss = float(np.mean(losses))
+        records.append({"number": number, "params": params, "value": loss, "n_rounds": int(np.mean(rounds))})
+        log(f"  trial {number}: CV log loss {loss:.4f} (cluster)")
+        if not best or loss < best["loss"]:
+            best.update(loss=loss, params=params, rounds=rounds, boosters=boosters)
+        return loss
+
+    search(objective, config)
+
+    margins, labels = [], []
+    for booster, n, (_, _, va) in zip(best["boosters"], best["rounds"], folds, strict=True):
+        margin = dxgb.inplace_predict(
+            client, booster, va[names], predict_type="margin", iteration_range=(0, n)
+        )
+        m, y = client.compute([margin, va["__y"]], sync=True)
+        margins.append(np.asarray(m, dtype=np.float64).ravel())
+        labels.append(np.asarray(y, dtype=np.float64))
+    oof_margin, oof_y = np.concatenate(margins), np.concatenate(labels)
+    calibrator = fit_calibrator(oof_margin, oof_y, config.calibration)
+    n_rounds = max(1, int(round(float(np.mean(best["rounds"])))))
+    dall = dxgb.DaskQuantileDMatrix(client, train[names], label=train["__y"])
+    out = guarded(client, lambda: dxgb.train(
+        client, params_of(best["params"]), dall, num_boost_round=n_rounds, verbose_eval=False, coll_cfg=coll,
+    ), "final fit")  # fmt: skip
+    booster = out["booster"]
+    booster.feature_names = names
+    best_params = {name: best["params"][name] for name in SEARCH_SPACE}
+    return TrainedRiskModel(
+        booster=booster,
+        spec=spec,
+        input_names=list(config.inputs),
+        feature_names=names,
+        calibrator=calibrator,
+        best_params=best_params,
+        n_rounds=n_rounds,
+        oof_margin=oof_margin,  # fold by fold (the cluster keeps no global row order)
+        oof_risk=calibrator.apply(oof_margin),
+        cv_logloss=float(best["loss"]),
+        trials=records,
+        seed=config.seed,
+        stopped_by_timeout=len(records) < tuning.n_trials,
+        fit_seconds=time.perf_counter() - started,
+        fold_best_rounds=list(best["rounds"]),
+    )

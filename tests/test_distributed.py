@@ -1,0 +1,278 @@
+"""masml on a real Dask LocalCluster (2 worker processes): partitioned validation, training with
+xgboost.dask, batch scoring through the bundle, and what happens when a worker dies mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_serve_support import TINY, tiny_bundle
+
+from masml import evaluation
+from masml.bundle import data_fingerprint, read_bundle
+from masml.cohort import simulate, write_cohort
+from masml.config import config_from_dict
+from masml.distributed.cluster import ClusterError, WorkerLostError, connect, parse_spec
+from masml.distributed.data import PartitionedSchemaError, load_partitioned
+from masml.distributed.predict import predict_partitioned
+from masml.io import load_dataset
+from masml.predict import predict_frame
+from masml.validation import validate
+
+MASML = str(Path(sys.executable).with_name("masml"))
+pytestmark = pytest.mark.slow
+
+
+def write_parts(folder: Path, frames: list[pd.DataFrame], row_group_size: int | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        pq.write_table(table, folder / f"part-{i:03d}.parquet", row_group_size=row_group_size)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client():
+    with connect("local") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return simulate(3000, seed=5)
+
+
+def test_cluster_spec_is_checked():
+    assert parse_spec("local") == ("local", 2)
+    assert parse_spec("local:3") == ("local", 3)
+    assert parse_spec("tcp://10.0.0.1:8786") == ("tcp://10.0.0.1:8786", None)
+    for bad in ("", "locale", "local:0", "local:x", "10.0.0.1:8786", "http://host:8786"):
+        with pytest.raises(ClusterError, match="expected 'local'|local:N"):
+            parse_spec(bad)
+
+
+def test_an_unreachable_scheduler_is_a_clear_error():
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9 "):
+        with connect("tcp://127.0.0.1:9", timeout_s=3):
+            pass
+    assert time.monotonic() - started < 60
+
+
+def test_partitions_validate_like_one_file(client, cohort, tmp_path):
+    data = cohort.data
+    folder = write_parts(tmp_path / "ok", [data.iloc[:1000], data.iloc[1000:2200], data.iloc[2200:]], 400)
+    loaded = load_partitioned(client, folder, require_labels=("mas_onset",))
+    assert len(loaded.pieces) == 3 + 3 + 2  # row groups of 400 rows
+    assert loaded.rows == len(data)
+    whole = loaded.frame.compute().reset_index(drop=True)
+    expected = validate(data, require_labels=("mas_onset",))
+    pd.testing.assert_frame_equal(whole, expected.reset_index(drop=True), check_dtype=False)
+
+
+def test_every_problem_of_every_partition_is_reported_with_its_file_row(client, cohort, tmp_path):
+    data = cohort.data.copy()
+    a, b, c = data.iloc[:1000].copy(), data.iloc[1000:2000].copy(), data.iloc[2000:].copy()
+    b["ferritin"] = b["ferritin"].map(lambda v: "" if v != v else repr(float(v))).astype(object)
+    b.iloc[849, b.columns.get_loc("ferritin")] = ">2000"  # file row 850, in its third row group
+    c.iloc[9, c.columns.get_loc("trigger")] = "leishmania"  # file row 10
+    folder = write_parts(tmp_path / "bad", [a, b, c], row_group_size=400)
+    with pytest.raises(PartitionedSchemaError) as caught:
+        load_partitioned(client, folder)
+    err = caught.value
+    assert set(err.by_file) == {str(folder / "part-001.parquet"), str(folder / "part-002.parquet")}
+    [ferritin] = err.by_file[str(folder / "part-001.parquet")]
+    assert (ferritin.column, ferritin.check, ferritin.n_rows) == ("ferritin", "not_numeric", 1)
+    assert ferritin.examples[0].row == 850 and ferritin.examples[0].value == ">2000"
+    assert ferritin.examples[0].patient_id == b["patient_id"].iloc[849]
+    [trigger] = err.by_file[str(folder / "part-002.parquet")]
+    assert (trigger.check, trigger.examples[0].row) == ("not_in_vocabulary", 10)
+    text = str(err)
+    assert "2 problems in 2 of 3 files" in text and "part-001.parquet" in text and "'>2000'" in text
+
+
+def test_a_patient_id_in_two_partitions_is_reported(client, cohort, tmp_path):
+    a, b = cohort.data.iloc[:1500].copy(), cohort.data.iloc[1500:].copy()
+    b.iloc[7, b.columns.get_loc("patient_id")] = a["patient_id"].iloc[3]
+    folder = write_parts(tmp_path / "dup", [a, b])
+    with pytest.raises(PartitionedSchemaError) as caught:
+        load_partitioned(client, folder)
+    rows = {file: [e.row for e in ps[0].examples] for file, ps in caught.value.by_file.items()}
+    assert rows == {str(folder / "part-000.parquet"): [4], str(folder / "part-001.parquet"): [8]}
+    assert all(ps[0].check == "duplicate_id" for ps in caught.value.by_file.values())
+
+
+def test_batch_scoring_matches_one_process_with_a_file_per_partition(client, tmp_path_factory, tmp_path):
+    data_path, models = tiny_bundle(tmp_path_factory)
+    frame = load_dataset(data_path)
+    folder = write_parts(tmp_path / "in", [frame.iloc[:700], frame.iloc[700:1500], frame.iloc[1500:]], 300)
+    result = predict_partitioned(client, models / "onset", folder, tmp_path / "out")
+    assert result.rows == len(frame) and result.partitions == 3 + 3 + 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"part-{i:05d}.parquet" for i in range(8)]
+    assert not list(tmp_path.glob(".out.*"))  # the staging folder is gone
+    scored = pd.concat([pd.read_parquet(p) for p in result.files], ignore_index=True)
+    expected = predict_frame(models / "onset", frame).drop(columns=["margin"])
+    pd.testing.assert_frame_equal(scored, expected, check_exact=True)
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        predict_partitioned(client, models / "onset", folder, tmp_path / "out")
+
+
+def _kill_a_worker_when(client, ready, timeout_s: float = 120) -> dict:
+    """Start a watcher that SIGKILLs one worker process as soon as ``ready()`` holds."""
+    pids = client.run(os.getpid)
+    state = {"killed": None}
+
+    def watch() -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if ready():
+                address, pid = sorted(pids.items())[-1]
+                os.kill(pid, signal.SIGKILL)
+                state["killed"] = address
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return state
+
+
+def _processing(client, prefix: str) -> bool:
+    """Whether a task whose key starts with ``prefix`` is running (xgboost 3.2 names its per-worker
+    training tasks ``fn-<uuid>``)."""
+    keys = client.run_on_scheduler(
+        lambda dask_scheduler: [str(t.key) for t in dask_scheduler.tasks.values() if t.state == "processing"]
+    )
+    return any(k.startswith(prefix) for k in keys)
+
+
+def test_batch_scoring_recovers_when_a_worker_dies_mid_job(tmp_path_factory, tmp_path):
+    data_path, models = tiny_bundle(tmp_path_factory)
+    frame = load_dataset(data_path)
+    copies = [frame.assign(patient_id=frame["patient_id"] + f"-{k}") for k in range(40)]
+    big = pd.concat(copies, ignore_index=True)  # 80,000 patients in 40 files
+    step = len(frame)
+    folder = write_parts(tmp_path / "in", [big.iloc[k * step : (k + 1) * step] for k in range(40)])
+    out = tmp_path / "out"
+    with connect("local") as c:
+        staging = lambda: [p for p in tmp_path.glob(".out.*") if len(list(p.iterdir())) >= 2]  # noqa: E731
+        state = _kill_a_worker_when(c, lambda: bool(staging()))
+        result = predict_partitioned(c, models / "onset", folder, out)
+    assert state["killed"], "the worker was never killed: the test did not exercise a failure"
+    scored = pd.concat([pd.read_parquet(p) for p in result.files], ignore_index=True)
+    assert result.rows == len(big) == len(scored) and scored["patient_id"].is_unique
+    expected = predict_frame(models / "onset", big).drop(columns=["margin"])
+    pd.testing.assert_frame_equal(scored, expected, check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster_cohort")
+    c = simulate(6000, seed=2)
+    write_cohort(c, root / "cohort", partitions=3)
+    write_cohort(c, root / "cohort.parquet")  # the same patients as one file
+    (root / "tiny.yaml").write_text(TINY)
+    return root
+
+
+def _train_cli(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    data = [] if "--data" in extra else ["--data", str(root / "cohort")]
+    args = [MASML, "train", "onset", *data, "--config", str(root / "tiny.yaml"), "--out", str(out), *extra]
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=900)
+
+
+def test_train_on_a_local_cluster_end_to_end(cluster_cohort):
+    root = cluster_cohort
+    r = _train_cli(root, root / "bundle", "--cluster", "local")
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest, _ = read_bundle(root / "bundle")
+    data = manifest["training_data"]
+    assert data["engine"].startswith("dask (2 workers, 3 partitions)")
+    assert data["synthetic"] is True and data["rows"] == 6000
+    # the same bytes as one process: the fingerprint does not depend on the engine
+    parts = sorted((root / "cohort").glob("*.parquet"))
+    frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    assert data["fingerprint"] == data_fingerprint(validate(frame, require_labels=("mas_onset",)))
+    card = json.loads((root / "bundle" / "card.json").read_text())
+    assert "seeded hash of patient_id" in card["data"]["flow"]["split"]
+    assert card["data"]["flow"]["test_rows"] == manifest["metrics"]["test_rows"] == data["test_rows"]
+    assert abs(data["test_rows"] / data["rows_used"] - 0.25) < 0.03
+    # quality: as good as the same config trained on one process, judged on fresh patients
+    one = _train_cli(root, root / "one", "--data", str(root / "cohort.parquet"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    fresh = simulate(5000, seed=99).data
+    y = fresh["mas_onset"].to_numpy()
+    auroc = {b: evaluation.auroc(y, predict_frame(root / b, fresh)["risk"]) for b in ("bundle", "one")}
+    assert abs(auroc["bundle"] - auroc["one"]) < 0.015, auroc
+    assert manifest["explainer"]["parity"]["max_abs_diff_contributions"] <= 1e-4
+    # scoring the cohort with the cluster-trained bundle, on the cluster
+    r = subprocess.run([MASML, "predict", str(root / "bundle"), "--data", str(root / "cohort"),
+                        "--out", str(root / "scored"), "--cluster", "local"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    scored = pd.concat([pd.read_parquet(p) for p in sorted((root / "scored").glob("*.parquet"))])
+    assert len(scored) == 6000 and scored["risk"].between(0, 1).all()
+
+
+def test_same_data_config_seed_and_cluster_give_the_same_model(cluster_cohort):
+    root = cluster_cohort
+    first = _train_cli(root, root / "again1", "--cluster", "local")
+    second = _train_cli(root, root / "again2", "--cluster", "local")
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr + second.stderr)[-3000:]
+    assert (root / "again1" / "model.onnx").read_bytes() == (root / "again2" / "model.onnx").read_bytes()
+
+
+def test_a_bad_partition_stops_cluster_training_with_the_file_and_row(cluster_cohort, tmp_path):
+    root = cluster_cohort
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in sorted((root / "cohort").glob("*.parquet")):
+        frame = pd.read_parquet(p)
+        if p.name == "part-00001.parquet":
+            frame.loc[4, "platelets"] = -3.0
+        frame.to_parquet(bad / p.name, index=False)
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    r = subprocess.run([MASML, "train", "onset", "--data", str(bad), "--config", str(root / "tiny.yaml"),
+                        "--out", str(tmp_path / "b"), "--cluster", "local"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert r.returncode == 1
+    assert "part-00001.parquet" in r.stderr and "platelets [out_of_range]" in r.stderr and "row 5" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_training_fails_clearly_instead_of_hanging_when_a_worker_dies(cluster_cohort):
+    from masml.distributed.train import train_on_cluster
+    from pipelines.risk import held_out_columns
+
+    config = config_from_dict({"tuning": {"n_trials": 3, "max_rounds": 5000, "early_stopping_rounds": 5000},
+                               "folds": 2, "n_boot": 20}, "onset")  # fmt: skip
+    outcome: dict = {}
+    with connect("local") as c:
+        state = _kill_a_worker_when(c, lambda: _processing(c, "fn-"))
+
+        def job() -> None:
+            try:
+                data = cluster_cohort / "cohort"
+                train_on_cluster(c, data, None, config, held_out_columns, log=lambda m: None)
+                outcome["result"] = "finished"
+            except Exception as err:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = err
+
+        worker = threading.Thread(target=job, daemon=True)
+        worker.start()
+        worker.join(timeout=300)
+        assert not worker.is_alive(), "training hung after a worker died"
+    assert state["killed"], "no training task was ever seen running: nothing was killed"
+    err = outcome.get("error")
+    assert isinstance(err, WorkerLostError), outcome
+    assert state["killed"] in str(err) and "left the cluster" in str(err)
