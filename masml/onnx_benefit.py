@@ -199,9 +199,12 @@ def benefit_model_to_onnx(model: causal.BenefitModel) -> onnx.ModelProto:
     x_info = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", n])
     x_info.doc_string = "float32 [N, K], NaN = missing; columns: " + ", ".join(names)
     meaning = {
-        "benefit": "P(death 28 d | untreated) - P(death 28 d | IL-1 blockade); > 0 favours treatment",
-        "risk_untreated": "calibrated P(death within 28 days) without IL-1 blockade",
-        "risk_treated": "calibrated P(death within 28 days) with IL-1 blockade within 48 h",
+        "benefit": "the chosen learner's estimate of P(death 28 d | untreated) - P(death 28 d | IL-1 "
+        "blockade); > 0 favours treatment; equals risk_untreated - risk_treated only for the T-learner",
+        "risk_untreated": "untreated-arm outcome model: calibrated P(death within 28 days) without IL-1 "
+        "blockade",
+        "risk_treated": "treated-arm outcome model: calibrated P(death within 28 days) with IL-1 blockade "
+        "within 48 h",
         "propensity": "calibrated P(IL-1 blockade | inputs) in the training data (overlap guardrail)",
     }
     outs = []

@@ -38,6 +38,27 @@ ESTIMAND = (
     "benefit = P(death within 28 days without IL-1 blockade) - P(death within 28 days with IL-1 blockade "
     "started within 48 h), per patient; > 0 favours treatment"
 )
+# What each graph output is (manifest "outputs"; the service's /v1/models shows them). Why benefit says it
+# need not equal the difference of the two risks: the risks are the per-arm outcome models' (the T-learner
+# pair), benefit is the chosen learner's (masml/causal.py), and only the T-learner makes them agree.
+OUTPUT_MEANINGS = {
+    "benefit": (
+        "the chosen learner's estimate of P(death within 28 days | untreated) - P(death within 28 days | "
+        "IL-1 blockade), a difference of probabilities (> 0 favours treatment); it need not equal "
+        "risk_untreated - risk_treated, which come from the outcome models"
+    ),
+    "risk_untreated": (
+        "the untreated-arm outcome model's calibrated P(death within 28 days) without IL-1 blockade; "
+        "risk_untreated - risk_treated need not equal benefit"
+    ),
+    "risk_treated": (
+        "the treated-arm outcome model's calibrated P(death within 28 days) with IL-1 blockade within 48 h; "
+        "risk_untreated - risk_treated need not equal benefit"
+    ),
+    "propensity": (
+        "calibrated P(IL-1 blockade | inputs) in the training data; the outside_overlap guardrail reads it"
+    ),
+}
 ASSUMPTIONS = [
     "Assumption: no unmeasured confounding - treatment was chosen by indication through the model's inputs "
     "only; an unrecorded reason to treat or not biases every estimate",
@@ -207,12 +228,7 @@ def run_il1_benefit_pipeline(
             "description": f"MAS patients (mas_onset = 1) with {causal.TREATMENT} and {config.label} known",
         },
         "inputs": input_spec(config.inputs),
-        "outputs": [
-            {"name": "benefit", "meaning": "risk_untreated - risk_treated from the chosen learner (-1..1)"},
-            {"name": "risk_untreated", "meaning": "calibrated P(death within 28 days) without IL-1 blockade"},
-            {"name": "risk_treated", "meaning": "calibrated P(death within 28 days) with IL-1 blockade"},
-            {"name": "propensity", "meaning": "P(IL-1 blockade | inputs) in the training data"},
-        ],
+        "outputs": [{"name": name, "meaning": OUTPUT_MEANINGS[name]} for name in OUTPUTS],
         "thresholds": list(config.thresholds),
         "guardrails": rules,
         "method": {
@@ -223,7 +239,8 @@ def run_il1_benefit_pipeline(
             "design": (
                 "risk_untreated / risk_treated: tuned, calibrated xgboost outcome models per arm (T-learner "
                 "pair); benefit: the learner chosen without ground truth (dr_ridge = DR-learner with a ridge "
-                "final stage on trigger and septic MAS features x untreated risk)"
+                "final stage on trigger and septic MAS features x untreated risk); benefit equals "
+                "risk_untreated - risk_treated only when the T-learner is chosen"
             ),
         },
         "metrics": {

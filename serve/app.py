@@ -396,8 +396,8 @@ def _explainer_of(model: Model) -> None:
                     "no_explainer",
                     f"the bundle of {model.task!r} version {model.version} carries no explainer.onnx, so "
                     "its predictions cannot be explained",
-                    expected="a bundle whose manifest has an 'explainer' section (re-export it with "
-                    "masml), or predict without explain",
+                    expected="a bundle whose manifest has an 'explainer' section (masml exports one with "
+                    "each risk model, and none with the il1_benefit model), or predict without explain",
                 )
             ],
         )

@@ -14,6 +14,30 @@ from serve.bundles import Model, Snapshot
 
 REF = "#/components/schemas/"
 
+# The benefit model's outputs (docs/architecture.md §3). Why spelled out: `benefit` comes from the learner
+# chosen without ground truth (constant, DR-learners, X-learner or T-learner), while the two risks come from
+# the per-arm outcome models (the T-learner pair), so risk_untreated - risk_treated need not equal benefit
+# and a client must not recompute one from the others.
+BENEFIT_DESCRIPTIONS = {
+    "benefit": (
+        "benefit model: the chosen learner's estimate of P(death within 28 days | untreated) - "
+        "P(death within 28 days | IL-1 blockade) (> 0 favours treatment); it need not equal "
+        "risk_untreated - risk_treated, which come from the outcome models"
+    ),
+    "risk_untreated": (
+        "benefit model: the untreated-arm outcome model's calibrated P(death within 28 days) without IL-1 "
+        "blockade; risk_untreated - risk_treated need not equal benefit"
+    ),
+    "risk_treated": (
+        "benefit model: the treated-arm outcome model's calibrated P(death within 28 days) with IL-1 "
+        "blockade; risk_untreated - risk_treated need not equal benefit"
+    ),
+    "propensity": (
+        "benefit model: calibrated P(IL-1 blockade | inputs) in the training data; drives the "
+        "outside_overlap guardrail"
+    ),
+}
+
 
 def _ref(name: str) -> dict:
     return {"$ref": REF + name}
@@ -119,9 +143,10 @@ def _common_schemas() -> dict:
             "properties": {
                 "patient_id": {"type": ["string", "integer"]},
                 "risk": {"type": "number", "description": "calibrated probability (risk models)"},
-                "benefit": {"type": "number", "description": "risk_untreated - risk_treated (benefit model)"},
-                "risk_untreated": {"type": "number"},
-                "risk_treated": {"type": "number"},
+                "benefit": {"type": "number", "description": BENEFIT_DESCRIPTIONS["benefit"]},
+                "risk_untreated": {"type": "number", "description": BENEFIT_DESCRIPTIONS["risk_untreated"]},
+                "risk_treated": {"type": "number", "description": BENEFIT_DESCRIPTIONS["risk_treated"]},
+                "propensity": {"type": "number", "description": BENEFIT_DESCRIPTIONS["propensity"]},
                 "guardrails": {"type": "array", "items": _ref("GuardrailFlag")},
                 "explanation": _ref("Explanation"),
             },

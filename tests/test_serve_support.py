@@ -41,25 +41,34 @@ main(sys.argv[1:])
 
 def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """(cohort parquet, models folder with an onset bundle), trained once per session via the CLI."""
-    root = tmp_path_factory.getbasetemp() / "serve_tiny"
+    return _trained_once(tmp_path_factory, "serve_tiny", "onset", TINY, n=2000, seed=1)
+
+
+def tiny_benefit_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(cohort parquet, models folder with an il1_benefit bundle), trained once per session via the CLI.
+
+    The cohort tests/test_benefit.py trains on (3,000 patients, seed 21: ~900 MAS patients, enough deaths
+    in both arms for 3-fold cross-fitting), one tuning trial per nuisance model: about 20 s on a quiet
+    2-core machine. The estimates mean nothing; the bundle only has to be a real one for the service.
+    """
+    return _trained_once(tmp_path_factory, "serve_benefit", "il1_benefit", TINY, n=3000, seed=21)
+
+
+def _trained_once(
+    tmp_path_factory, name: str, task: str, config: str, n: int, seed: int
+) -> tuple[Path, Path]:
+    """`masml cohort` + `masml train TASK` in subprocesses, with their own SQLite MLflow store; reused."""
+    root = tmp_path_factory.getbasetemp() / name
     models, data = root / "models", root / "cohort.parquet"
-    if (models / "onset" / "manifest.json").exists():
+    if (models / task / "manifest.json").exists():
         return data, models
     root.mkdir(parents=True, exist_ok=True)
-    (root / "tiny.yaml").write_text(TINY)
+    tiny = root / "tiny.yaml"
+    tiny.write_text(config)
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     for args in (
-        ["cohort", "--n", "2000", "--seed", "1", "--out", str(data)],
-        [
-            "train",
-            "onset",
-            "--data",
-            str(data),
-            "--config",
-            str(root / "tiny.yaml"),
-            "--out",
-            str(models / "onset"),
-        ],
+        ["cohort", "--n", str(n), "--seed", str(seed), "--out", str(data)],
+        ["train", task, "--data", str(data), "--config", str(tiny), "--out", str(models / task)],
     ):
         r = subprocess.run([MASML, *args], capture_output=True, text=True, env=env, cwd=root, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]

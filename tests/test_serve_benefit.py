@@ -1,0 +1,290 @@
+"""The IL-1 blockade benefit bundle in the scoring service: a real `python -m serve` process (training
+stack import-blocked) on a tiny il1_benefit bundle trained through the CLI, called over HTTP.
+
+What is checked against masml's own code on the same patients: the four outputs (``predict_frame``), the
+guardrail statuses (``masml.guardrails.evaluate``, the reference evaluator of the manifest's rules,
+including ``outside_overlap``, which reads the graph's ``propensity``), the same numbers through the Open
+Inference Protocol and MLflow's /invocations, the model listing, the 409 of an explain call on a bundle
+without an explainer, and that every text describing ``benefit`` says what it is: the chosen learner's
+estimate, not ``risk_untreated - risk_treated``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_serve_support import Server, call, copy_bundle, patients_from_frame, tiny_benefit_bundle
+
+from masml import guardrails
+from masml.encoding import encode_inputs
+from masml.io import load_dataset
+from masml.predict import predict_frame
+from masml.schema import INPUT_NAMES
+
+TASK = "il1_benefit"
+OUTPUTS = ["benefit", "risk_untreated", "risk_treated", "propensity"]
+RULES = ["parasitic_or_fungal_trigger", "malignancy_trigger", "outside_overlap", "icu_level_severity"]
+ICU_FIELDS = ("cns_dysfunction", "hemorrhage", "platelets", "albumin", "mean_arterial_pressure", "lactate")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return tiny_benefit_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def manifest(bundle):
+    return json.loads((bundle[1] / TASK / "manifest.json").read_text())
+
+
+def _edge_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Hand-made patients on and beside every ICU-level cut-off and with each guarded trigger, with the
+    statuses the rules' text implies (written out here, not computed by masml)."""
+    base = frame.iloc[0].copy()
+    base["trigger"] = "sjia"
+    quiet = {"cns_dysfunction": 0.0, "hemorrhage": 0.0, "platelets": 150.0, "albumin": 3.5,
+             "mean_arterial_pressure": 80.0, "lactate": 1.0}  # fmt: skip
+    cases: list[tuple[dict, dict]] = [
+        ({}, {}),
+        # exactly on the cut-offs: not met
+        ({"platelets": 20.0, "albumin": 2.0, "mean_arterial_pressure": 65.0, "lactate": 4.0}, {}),
+        ({"platelets": 19.5}, {"icu_level_severity": "fires"}),
+        ({"albumin": 1.9}, {"icu_level_severity": "fires"}),
+        ({"mean_arterial_pressure": 64.0}, {"icu_level_severity": "fires"}),
+        ({"lactate": 4.5}, {"icu_level_severity": "fires"}),
+        ({"cns_dysfunction": 1.0}, {"icu_level_severity": "fires"}),
+        ({"hemorrhage": 1.0}, {"icu_level_severity": "fires"}),
+        ({f: np.nan for f in ICU_FIELDS}, {}),  # no 'requires': all missing is "clear", not "unknown"
+        ({"trigger": "fungal"}, {"parasitic_or_fungal_trigger": "fires"}),
+        ({"trigger": "parasitic_leishmania"}, {"parasitic_or_fungal_trigger": "fires"}),
+        ({"trigger": "lymphoma"}, {"malignancy_trigger": "fires"}),
+        ({"trigger": "other_malignancy", "lactate": 9.0},
+         {"malignancy_trigger": "fires", "icu_level_severity": "fires"}),
+    ]  # fmt: skip
+    rows, expected = [], []
+    for k, (change, fired) in enumerate(cases):
+        row = base.copy()
+        for f, v in (quiet | change).items():
+            row[f] = v
+        row["patient_id"] = f"edge-{k}"
+        rows.append(row)
+        expected.append({r: fired.get(r, "clear") for r in RULES if r != "outside_overlap"})
+    edge = pd.DataFrame(rows).reset_index(drop=True)
+    for name in INPUT_NAMES:  # back to the cohort's dtypes (a row Series holds objects)
+        edge[name] = edge[name].astype(frame[name].dtype)
+    return edge, expected
+
+
+@pytest.fixture(scope="module")
+def cohort(bundle):
+    """The whole tiny cohort (every trigger, a range of propensities) plus the hand-made edge patients."""
+    frame = load_dataset(bundle[0]).reset_index(drop=True)
+    edge, expected = _edge_rows(frame)
+    both = pd.concat([frame, edge], ignore_index=True)
+    return both, len(frame), expected
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    s = Server(bundle[1])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def scored(server, cohort):
+    """One REST call on every patient: (response body, outputs as float64 arrays)."""
+    frame = cohort[0]
+    st, _, body = call(
+        "POST", server.url(f"/v1/models/{TASK}/predict"), {"patients": patients_from_frame(frame)}
+    )
+    assert st == 200, body
+    outs = {k: np.array([p[k] for p in body["predictions"]], dtype=np.float64) for k in OUTPUTS}
+    return body, outs
+
+
+def _statuses(predictions: list[dict]) -> list[dict]:
+    return [{g["id"]: g["status"] for g in p["guardrails"]} for p in predictions]
+
+
+def test_outputs_equal_masml_predict_frame(bundle, cohort, scored, manifest):
+    frame = cohort[0]
+    body, outs = scored
+    expected = predict_frame(bundle[1] / TASK, frame)
+    assert [p["patient_id"] for p in body["predictions"]] == frame["patient_id"].astype(str).tolist()
+    for name in OUTPUTS:
+        diff = np.abs(outs[name] - expected[name].to_numpy())
+        assert diff.max() <= 1e-6, (name, float(diff.max()))
+    assert list(body["predictions"][0])[:5] == ["patient_id", *OUTPUTS]
+    assert body["model"]["task"] == TASK and body["model"]["sha256"] == manifest["model_sha256"]
+    assert np.all((outs["risk_untreated"] >= 0) & (outs["risk_untreated"] <= 1))
+    assert np.all((outs["propensity"] >= 0) & (outs["propensity"] <= 1))
+
+
+def test_guardrails_agree_with_masml_reference_evaluator(bundle, cohort, scored, manifest):
+    """Every patient's status for every manifest rule, as masml.guardrails.evaluate gives it on the same
+    rows with masml's own outputs (so outside_overlap is checked on masml's propensity, not the server's)."""
+    frame, n_cohort, edge_expected = cohort
+    body, outs = scored
+    ours = predict_frame(bundle[1] / TASK, frame)
+    reference = guardrails.evaluate(
+        manifest["guardrails"], frame, {k: ours[k].to_numpy() for k in OUTPUTS}
+    ).to_dict("records")
+    got = _statuses(body["predictions"])
+    assert got == reference
+    assert [r["id"] for r in manifest["guardrails"]] == RULES
+    by_id = {r["id"]: r for r in manifest["guardrails"]}
+    for flag in body["predictions"][0]["guardrails"]:
+        assert flag["message"] == by_id[flag["id"]]["message"] and flag["kind"] == by_id[flag["id"]]["kind"]
+    # The comparison means something only if every rule both fires and clears on these patients.
+    for rule in RULES:
+        seen = {row[rule] for row in got[:n_cohort]}
+        assert {"fires", "clear"} <= seen, (rule, seen)
+    # outside_overlap is exactly "propensity outside the manifest's overlap bounds", read from the graph.
+    low, high = manifest["method"]["overlap_bounds"]
+    outside = (outs["propensity"] < low) | (outs["propensity"] > high)
+    assert [row["outside_overlap"] == "fires" for row in got] == outside.tolist()
+    # The hand-made patients: statuses written out from the rules' text (on a cut-off = not met).
+    edge = [{k: v for k, v in row.items() if k != "outside_overlap"} for row in got[n_cohort:]]
+    assert edge == edge_expected
+
+
+def test_missing_trigger_is_refused_and_unknown_when_the_manifest_allows_it(bundle, cohort, server, tmp_path):
+    """The shipped manifest requires `trigger`, so a patient without one is a 422 naming the field (the
+    service never reports "clear" for a trigger it was not told). With a manifest that does not require it,
+    the trigger rules answer "unknown", as the reference evaluator does."""
+    frame = cohort[0].head(40).copy()
+    pts = patients_from_frame(frame)
+    for p in pts[::4]:
+        del p["trigger"]
+    st, _, body = call("POST", server.url(f"/v1/models/{TASK}/predict"), {"patients": pts})
+    assert st == 422, body
+    assert {p["field"] for p in body["problems"]} == {f"patients[{i}].trigger" for i in range(0, 40, 4)}
+
+    manifest = json.loads((bundle[1] / TASK / "manifest.json").read_text())
+    inputs = [i | {"required": False} if i["name"] == "trigger" else i for i in manifest["inputs"]]
+    copy_bundle(bundle[1] / TASK, tmp_path / "models" / TASK, inputs=inputs)
+    s = Server(tmp_path / "models")
+    try:
+        st, _, body = call("POST", s.url(f"/v1/models/{TASK}/predict"), {"patients": pts})
+    finally:
+        s.stop()
+    assert st == 200, body
+    frame.loc[frame.index[::4], "trigger"] = None
+    ours = predict_frame(bundle[1] / TASK, frame)
+    for name in OUTPUTS:
+        got = np.array([p[name] for p in body["predictions"]])
+        assert np.max(np.abs(got - ours[name].to_numpy())) <= 1e-6, name
+    reference = guardrails.evaluate(manifest["guardrails"], frame, {k: ours[k].to_numpy() for k in OUTPUTS})
+    got = _statuses(body["predictions"])
+    assert got == reference.to_dict("records")
+    for i, row in enumerate(got):
+        unknown = i % 4 == 0
+        assert (row["parasitic_or_fungal_trigger"] == "unknown") == unknown
+        assert (row["malignancy_trigger"] == "unknown") == unknown
+
+
+def test_oip_infer_and_invocations_give_the_same_numbers(bundle, cohort, scored, server, manifest):
+    import tritonclient.http as th
+
+    frame = cohort[0].head(200)
+    rest = {k: v[:200].astype(np.float32) for k, v in scored[1].items()}
+    x = encode_inputs(frame, [i["name"] for i in manifest["inputs"]])
+    assert np.isnan(x).any()  # missing values travel as NaN in the binary tensor
+    client = th.InferenceServerClient(f"127.0.0.1:{server.port}")
+    meta = client.get_model_metadata(TASK)
+    assert [o["name"] for o in meta["outputs"]] == OUTPUTS
+    assert meta["parameters"]["explainer"] is False
+    inp = th.InferInput("inputs", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    res = client.infer(TASK, [inp], request_id="benefit-1")
+    assert res.get_response()["id"] == "benefit-1"
+    for name in OUTPUTS:
+        assert np.array_equal(res.as_numpy(name), rest[name]), name
+
+    nulls = [[None if np.isnan(v) else float(v) for v in row] for row in x[:3]]
+    body = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [3, x.shape[1]], "data": nulls}]}
+    st, _, resp = call("POST", server.url(f"/v2/models/{TASK}/infer"), body)
+    assert st == 200, resp
+    assert [o["name"] for o in resp["outputs"]] == OUTPUTS
+    for o in resp["outputs"]:
+        assert np.array_equal(np.array(o["data"], dtype=np.float32), rest[o["name"]][:3]), o["name"]
+
+    pts = patients_from_frame(frame.head(30))
+    cols = sorted({k for p in pts for k in p} - {"patient_id"})
+    split = {"dataframe_split": {"columns": cols, "data": [[p.get(c) for c in cols] for p in pts]}}
+    records = {"dataframe_records": [{k: v for k, v in p.items() if k != "patient_id"} for p in pts]}
+    for path in ("/invocations", f"/invocations?model={TASK}"):
+        for req in (split, records):
+            st, _, resp = call("POST", server.url(path), req)
+            assert st == 200, resp
+            assert all(list(r) == OUTPUTS for r in resp["predictions"])  # numbers only, no guardrails
+            for name in OUTPUTS:
+                got = np.array([r[name] for r in resp["predictions"]], dtype=np.float32)
+                assert np.array_equal(got, rest[name][:30]), (path, name)
+
+
+def test_model_list_shows_outputs_and_guardrails(server, manifest):
+    st, _, body = call("GET", server.url("/v1/models"))
+    assert st == 200 and body["refused"] == []
+    (m,) = body["models"]
+    assert m["task"] == TASK and m["sha256"] == manifest["model_sha256"] and m["explainer"] is None
+    assert m["outputs"] == manifest["outputs"] and [o["name"] for o in m["outputs"]] == OUTPUTS
+    assert m["guardrails"] == [
+        {"id": r["id"], "message": r["message"], "source": r["source"]} for r in manifest["guardrails"]
+    ]
+    assert call("GET", server.url(f"/v1/models/{TASK}"))[2] == m
+    assert "BLOCKED IMPORT" not in server.stderr()
+
+
+def test_explain_on_the_benefit_model_is_409_with_a_clear_message(server, manifest):
+    patient = {"age_years": 30, "sex": "M", "trigger": "sjia", "ferritin": 9000}
+    for path, body in (
+        (f"/v1/models/{TASK}/explain", {"patients": [patient]}),
+        (f"/v1/models/{TASK}/predict", {"patients": [patient], "explain": True}),
+    ):
+        st, _, resp = call("POST", server.url(path), body)
+        assert st == 409, resp
+        assert resp["error"].startswith(f"model '{TASK}'") and "has no explainer" in resp["error"]
+        (p,) = resp["problems"]
+        assert p["kind"] == "no_explainer" and p["field"] == "path.model"
+        assert "explainer.onnx" in p["message"] and "predict without explain" in p["expected"]
+        assert "none with the il1_benefit model" in p["expected"]
+    k = len(manifest["inputs"])
+    x = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, k], "data": [None] * k}]}
+    st, _, resp = call("POST", server.url(f"/v2/models/{TASK}/explain"), x)
+    assert st == 409 and "has no explainer" in resp["error"]
+    # the model itself still predicts
+    st, _, resp = call("POST", server.url(f"/v1/models/{TASK}/predict"), {"patients": [patient]})
+    assert st == 200 and set(OUTPUTS) <= set(resp["predictions"][0])
+
+
+def test_texts_say_benefit_is_the_chosen_learners_estimate(server, manifest):
+    """OpenAPI and the manifest: benefit is the chosen learner's estimate of P(death | untreated) -
+    P(death | treated); the two risks are the outcome models' and need not differ by exactly benefit."""
+    spec = call("GET", server.url("/openapi.json"))[2]
+    props = spec["components"]["schemas"]["Prediction"]["properties"]
+    meanings = {o["name"]: o["meaning"] for o in manifest["outputs"]}
+    for where, text in (("openapi", {k: props[k]["description"] for k in OUTPUTS}), ("manifest", meanings)):
+        b = text["benefit"]
+        assert "chosen learner's estimate of P(death within 28 days | untreated) - P(death" in b, where
+        assert "need not equal risk_untreated - risk_treated" in b, where
+        assert not b.startswith("risk_untreated - risk_treated"), where
+        for risk in ("risk_untreated", "risk_treated"):
+            assert "outcome model's calibrated P(death within 28 days)" in text[risk], (where, risk)
+            assert "risk_untreated - risk_treated need not equal benefit" in text[risk], (where, risk)
+        assert "outside_overlap" in text["propensity"], where
+    assert "only when the T-learner is chosen" in manifest["method"]["design"]
+
+
+def test_benefit_is_not_the_difference_of_the_risks_unless_the_t_learner_is_chosen(scored, manifest):
+    outs = scored[1]
+    gap = np.abs(outs["benefit"] - (outs["risk_untreated"] - outs["risk_treated"]))
+    learner = manifest["method"]["learner"]
+    if learner == "t_learner":  # then they agree, up to float32 rounding of three numbers
+        assert gap.max() <= 1e-6
+    else:
+        assert gap.max() > 1e-3, (learner, float(gap.max()))
