@@ -22,7 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ from masml.schema import TRIGGER_FAMILY, age_band
 CARD_FORMAT = 1
 CARD_FILES = ("card.json", "card.html", "card.pdf")
 PERFORMANCE_FIGURES = ("roc", "precision_recall", "calibration", "decision_curve")
+# The metrics ``evaluation.compare`` gives a bootstrap interval (``_lo``/``_hi`` columns): the card prints
+# each as "estimate [lo, hi]". ECE, its floor and its error against the truth have none.
+INTERVAL_METRICS = ("auroc", "auprc", "brier", "calibration_slope", "calibration_intercept", "auroc_diff")
+# Proportions at the configured thresholds, each with a Wilson interval from evaluation.threshold_metrics.
+THRESHOLD_RATES = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"),
+                   ("npv", "NPV"))  # fmt: skip
 
 INTENDED_USE = {
     "onset": (
@@ -316,15 +322,21 @@ def card_content(
         units_file=units_file, algorithm=algorithm, split=split,
         limitations=[f"Subgroup {w['group']} = {w['level']}: {w['warning']}." for w in warnings],
     )  # fmt: skip
-    metric_keys = ("auroc", "auroc_lo", "auroc_hi", "auprc", "auprc_lo", "auprc_hi", "brier",
-                   "calibration_slope", "calibration_intercept", "ece", "ece_floor", "ece_vs_truth",
-                   "auroc_diff")  # fmt: skip
+    # Every metric of ``evaluation.compare`` that has a bootstrap interval keeps it beside the estimate.
+    metric_keys = [k for m in INTERVAL_METRICS for k in (m, f"{m}_lo", f"{m}_hi")]
+    metric_keys += ["ece", "ece_floor", "ece_vs_truth"]
     card["performance"] = {
         "test_rows": card["data"]["flow"]["test_rows"],
         "comparison": comparison.to_dict(orient="records"),
         "model": {k: model_row.get(k) for k in metric_keys if k in model_row},
         "calibration": {k: report[k] for k in ("calibration_intercept", "calibration_slope")},
         "thresholds": list(report.get("threshold_metrics", [])),
+        "intervals": {
+            "metrics": "percentile bootstrap stratified by outcome, paired across models "
+            f"({_boot_text(report.get('bootstrap'))}); ECE has no interval (its floor is the yardstick)",
+            "thresholds": "Wilson score interval for each proportion (Wilson 1927, J Am Stat Assoc "
+            "22:209-212)",
+        },
         "threshold_choice": "set in the config (thresholds); masml does not choose them: the decision "
         "curve shows the range of threshold probabilities over which the model adds net benefit",
         "figures": {name: _png_data_uri(figures[name]) for name in PERFORMANCE_FIGURES if name in figures},
@@ -343,6 +355,12 @@ def card_content(
     }
     card["tripod_ai"] = tripod_ai(card)
     return _clean(card)
+
+
+def _boot_text(boot: Mapping | None) -> str:
+    if not boot:
+        return "replicates not recorded"
+    return f"{boot.get('n_boot')} replicates, seed {boot.get('seed')}"
 
 
 BENEFIT_FIGURES = ("overlap", "balance", "benefit_by_trigger", "qini")
@@ -518,20 +536,27 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def _ci(est: Any, lo: Any, hi: Any) -> str:
+    """"estimate [lo, hi]". The space inside the brackets is a no-break space, so a narrow column (a
+    printed page) may put the interval under its estimate but never splits the interval itself."""
     if est is None:
         return "–"
-    return f"{fmt(est)} [{fmt(lo)}, {fmt(hi)}]" if lo is not None else fmt(est)
+    return f"{fmt(est)} [{fmt(lo)},\u00a0{fmt(hi)}]" if lo is not None else fmt(est)
 
 
-def _table(rows: Sequence[Mapping], columns: Sequence[tuple[str, str]]) -> str:
+def _table(
+    rows: Sequence[Mapping], columns: Sequence[tuple[str, str]], intervals: Collection[str] = ()
+) -> str:
+    """An HTML table; a column named in ``intervals`` prints "estimate [lo, hi]" from the row's
+    ``KEY_lo``/``KEY_hi`` (one cell, so an estimate is never read without its uncertainty)."""
     head = "".join(f"<th>{_e(title)}</th>" for _, title in columns)
     body = []
     for r in rows:
         cells = []
         for key, _ in columns:
             v = r.get(key)
+            text = _ci(v, r.get(f"{key}_lo"), r.get(f"{key}_hi")) if key in intervals else fmt(v)
             cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls}>{_e(fmt(v))}</td>")
+            cells.append(f"<td{cls}>{_e(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -551,46 +576,48 @@ def _figure(uri: str, caption: str) -> str:
     return f'<figure><img alt="{_e(caption)}" src="{uri}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
+def _present(rows: Sequence[Mapping], columns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The columns at least one row has a value for (no "ECE vs truth" column on real data)."""
+    return [(k, t) for k, t in columns if any(r.get(k) is not None for r in rows)]
+
+
 def _risk_sections(card: Mapping) -> list[str]:
     perf = card["performance"]
     parts: list[str] = []
-    cmp_cols = [
-        ("model", "model"),
-        ("rows", "n"),
-        ("auroc", "AUROC"),
-        ("auroc_lo", "lo"),
-        ("auroc_hi", "hi"),
-        ("auprc", "AUPRC"),
-        ("brier", "Brier"),
-        ("calibration_slope", "slope"),
-        ("calibration_intercept", "intercept"),
-        ("ece", "ECE"),
-        ("ece_floor", "ECE floor"),
-        ("ece_vs_truth", "ECE vs truth"),
-        ("auroc_diff", "Δ AUROC vs ceiling"),
-    ]
+    rows = perf["comparison"]
+    ci = " [95% CI]"
+    discrimination = [("model", "model"), ("rows", "n"), ("auroc", "AUROC" + ci), ("auprc", "AUPRC" + ci)]
+    discrimination += _present(rows, [("auroc_diff", "Δ AUROC vs ceiling" + ci)])
+    # Clinical scores are points or rules, not probabilities: calibration does not apply to them.
+    probabilities = [r for r in rows if r.get("probabilistic", True)]
+    calibration = [("model", "model"), ("rows", "n"), ("brier", "Brier" + ci),
+                   ("calibration_slope", "calibration slope" + ci),
+                   ("calibration_intercept", "calibration intercept" + ci), ("ece", "ECE")]  # fmt: skip
+    calibration += _present(probabilities, [("ece_floor", "ECE floor"), ("ece_vs_truth", "ECE vs truth")])
+    rates = [("threshold", "threshold")] + [(k, t + ci) for k, t in THRESHOLD_RATES]
+    rates.append(("flagged_share", "flagged"))
+    intervals = perf.get("intervals", {})
     figs = "".join(
         _figure(uri, name.replace("_", " ")) for name, uri in perf["figures"].items()
     )
     parts.append(
         '<section id="performance"><h2>Performance on held-out patients</h2>'
         "<p>The model beside the logistic-regression baseline, the clinical scores (on the patients each "
-        "applies to) and, for simulated data, the ceiling (the true probabilities). 95% CIs from a "
-        "stratified bootstrap. The ECE floor is the ECE a perfectly calibrated model would show on this many "
-        "patients.</p>"
-        + _table(perf["comparison"], cmp_cols)
+        "applies to) and, for simulated data, the ceiling (the true probabilities). Each number is followed "
+        "by its 95% CI in brackets, from a stratified bootstrap with every model scored on the same "
+        "resampled patients. The ECE has no interval; the ECE floor beside it is the ECE a perfectly "
+        "calibrated model would show on this many patients, so an ECE near its floor is noise.</p>"
+        + (f"<p class='muted'>Intervals: {_e(intervals['metrics'])}.</p>" if intervals.get("metrics") else "")
+        + "<h3>Discrimination</h3>"
+        + _table(rows, discrimination, INTERVAL_METRICS)
+        + "<h3>Calibration and accuracy of the probabilities</h3>"
+        + _table(probabilities, calibration, INTERVAL_METRICS)
+        + "<p class='muted'>Clinical scores (points or yes/no rules) are not probabilities, so they appear "
+        "under discrimination only.</p>"
         + "<h3>At the configured thresholds</h3>"
-        + _table(
-            perf["thresholds"],
-            [
-                ("threshold", "threshold"),
-                ("sensitivity", "sensitivity"),
-                ("specificity", "specificity"),
-                ("ppv", "PPV"),
-                ("npv", "NPV"),
-                ("flagged_share", "flagged"),
-            ],
-        )
+        + _table(perf["thresholds"], rates, [k for k, _ in THRESHOLD_RATES])
+        + "<p class='muted'>A patient is flagged when the risk is at or above the threshold. 95% CIs: "
+        f"{_e(intervals.get('thresholds', 'Wilson score interval for each proportion'))}.</p>"
         + f"<p class='muted'>{_e(perf['threshold_choice'])}</p>"
         + f"<div class='figs'>{figs}</div></section>"
     )
@@ -665,6 +692,8 @@ def _benefit_sections(card: Mapping) -> list[str]:
                           ("ci_high", "hi")])
         + "<h3>Policies: deaths per 100 patients (doubly robust estimate)</h3>"
         + _table(policy, [("policy", "policy"), ("deaths_per_100", "deaths per 100")])
+        + _kv([("Share of held-out patients the model would treat (predicted benefit > 0)",
+                dr_policy.get("share_treated_by_model"))])
         + (_kv([("PEHE (vs truth)", truth.get("pehe")), ("PEHE ratio vs constant", truth.get("pehe_ratio")),
                 ("Correlation with true benefit", truth.get("correlation"))])
            + _table([{"policy": k.replace("_", " "), "deaths_per_100": v}
@@ -700,9 +729,10 @@ def render_html(card: Mapping) -> str:
             ("Predicts", data["label"]["definition"]),
             ("Population", data["population"]["description"]),
             ("Held-out patients", flow["test_rows"]),
-            ("AUROC [95% CI]", _ci(best.get("auroc"), best.get("auroc_lo"), best.get("auroc_hi"))),
-            ("Calibration slope", best.get("calibration_slope")),
-        ]
+            *[(f"{title} [95% CI]", _ci(best.get(k), best.get(f"{k}_lo"), best.get(f"{k}_hi")))
+              for k, title in (("auroc", "AUROC"), ("calibration_slope", "Calibration slope"),
+                               ("calibration_intercept", "Calibration intercept"))],
+        ]  # fmt: skip
     else:
         ben = card["benefit"]
         ate = ben["ate_aipw"]
@@ -868,20 +898,34 @@ def render_pdf(html_path: str | Path, pdf_path: str | Path) -> None:
 
 
 def write_card(card: Mapping, out_dir: str | Path, pdf: bool = True) -> tuple[list[Path], str]:
-    """card.json + card.html (+ card.pdf when Chromium is available); returns (paths, note on the PDF)."""
+    """card.json + card.html (+ card.pdf when Chromium is available); returns (paths, note on the PDF).
+
+    Why the missing PDF is loud: governance often reviews the printed card, and a bundle without it
+    looked complete. When the PDF cannot be printed (no Chromium, a crash, a timeout) the note starts
+    with "WARNING" (the pipelines print it in their card log line) and card.json says so in ``pdf``:
+    ``{"rendered": false, "reason": ...}``. card.json is therefore written last; ``pdf`` is not part of
+    the HTML, so ``masml report`` re-renders the same page from it.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "card.json", out / "card.html"]
-    paths[0].write_text(json.dumps(card, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths[1].write_text(render_html(card), encoding="utf-8")
+    status: dict[str, Any] = {"rendered": False, "file": None, "reason": "not requested (pdf=False)"}
     note = "PDF not requested"
+    (out / "card.pdf").unlink(missing_ok=True)  # a PDF left from an earlier card must not pass for this one
     if pdf:
         try:
             render_pdf(paths[1], out / "card.pdf")
             paths.append(out / "card.pdf")
+            status = {"rendered": True, "file": "card.pdf", "reason": None}
             note = "PDF rendered with headless Chromium"
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
-            note = f"PDF not rendered: {err}"
+            (out / "card.pdf").unlink(missing_ok=True)  # nor may a half-written one
+            status["reason"] = str(err).strip() or type(err).__name__
+            short = " ".join(status["reason"].split())[:300]  # one log line; card.json keeps it all
+            note = f"WARNING: card.pdf was NOT rendered ({short}); card.json records why"
+    saved = {**card, "pdf": status}
+    paths[0].write_text(json.dumps(saved, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return paths, note
 
 

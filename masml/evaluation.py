@@ -30,7 +30,11 @@ What is measured, and why
   vectorised: each replicate is represented by how many times it draws each patient (a count matrix),
   and AUROC, AUPRC, Brier, log loss and the calibration fits are computed for all replicates at once
   from those counts. Comparisons between models are *paired*: every model is scored on the same
-  replicates.
+  replicates. Sensitivity, specificity, PPV and NPV are plain proportions of a count, so they get the
+  Wilson score interval (Wilson EB. Probable inference, the law of succession, and statistical
+  inference. *J Am Stat Assoc* 1927;22:209-212) instead of a bootstrap: it is exact to compute, stays
+  inside [0, 1], and keeps close to its nominal 95% coverage for the small counts that a high threshold
+  or a small test set leaves (the Wald interval p +- 1.96 SE collapses to a point at 0/n or n/n).
 
 Conventions
 -----------
@@ -51,7 +55,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 from scipy.special import expit, logit
-from scipy.stats import rankdata
+from scipy.stats import norm, rankdata
 
 from masml.schema import TRIGGER_FAMILY, age_band
 
@@ -77,6 +81,7 @@ __all__ = [
     "standard_groups",
     "subgroup_report",
     "threshold_metrics",
+    "wilson_interval",
 ]
 
 # Van Calster et al. 2019 / Steyerberg: predictions are clipped before the logit so that a reported
@@ -489,17 +494,59 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.full_like(a, np.nan), where=b > 0)
 
 
-def threshold_metrics(y, p, thresholds) -> pd.DataFrame:
+def wilson_interval(successes, n, alpha: float = 0.05) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """Wilson score interval for a binomial proportion ``successes / n``: (lower, upper).
+
+    Wilson EB. Probable inference, the law of succession, and statistical inference. *J Am Stat Assoc*
+    1927;22:209-212. The interval is the set of proportions pi that a score test does not reject,
+    i.e. the roots of ``(x/n - pi)^2 = z^2 pi (1 - pi) / n`` with ``z`` the 1 - alpha/2 normal quantile:
+
+        centre = (x/n + z^2/(2n)) / (1 + z^2/n),  half-width = z / (1 + z^2/n) * sqrt(x/n (1 - x/n) / n
+        + z^2 / (4 n^2)).
+
+    Why Wilson and not Wald (x/n +- z SE): at 0/n or n/n Wald's interval has zero width, and for the
+    small counts a high threshold leaves its coverage falls far below 95%; Wilson's stays inside [0, 1]
+    and close to nominal (Brown, Cai & DasGupta, *Stat Sci* 2001;16:101-133). An empty denominator
+    (``n == 0``, e.g. PPV when nobody is flagged) gives NaN for both bounds, not an error: the
+    proportion itself is undefined there. Works element-wise on arrays (arrays out); two scalars in give
+    two floats out.
+    """
+    _check_alpha(alpha)
+    x = np.asarray(successes, dtype="float64")
+    m = np.asarray(n, dtype="float64")
+    if np.any(m < 0) or np.any(x < 0) or np.any(x > m):
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes!r}, n={n!r}")
+    z2 = float(norm.ppf(1 - alpha / 2)) ** 2
+    empty = m <= 0
+    m_safe = np.where(empty, 1.0, m)
+    share = x / m_safe
+    denom = 1 + z2 / m_safe
+    centre = (share + z2 / (2 * m_safe)) / denom
+    half = np.sqrt(z2) / denom * np.sqrt(share * (1 - share) / m_safe + z2 / (4 * m_safe**2))
+    # At 0/n and n/n one bound is exactly 0 or 1; rounding would otherwise leave it at +-1e-17.
+    lo = np.where(x == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    hi = np.where(x == m, 1.0, np.clip(centre + half, 0.0, 1.0))
+    lo, hi = np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def threshold_metrics(y, p, thresholds, *, alpha: float = 0.05) -> pd.DataFrame:
     """Counts and rates at each threshold, a patient being flagged when ``p >= threshold``.
 
-    Columns: threshold, tp, fp, tn, fn, sensitivity, specificity, ppv, npv, flagged_share. A rate whose
-    denominator is empty (e.g. PPV when nobody is flagged) is NaN. Works for points scores too (pass
-    score cut-offs, e.g. HScore 169).
+    Columns: threshold, tp, fp, tn, fn, sensitivity, specificity, ppv, npv, flagged_share, then a
+    1 - alpha Wilson score interval for each of the four rates (:func:`wilson_interval`):
+    sensitivity_lo, sensitivity_hi, specificity_lo, specificity_hi, ppv_lo, ppv_hi, npv_lo, npv_hi.
+    The intervals are appended after the original columns, whose names and order stay as they were
+    (the table is logged to MLflow and written into bundles and cards, which readers parse). A rate
+    whose denominator is empty (e.g. PPV when nobody is flagged) is NaN, and so is its interval. Works
+    for points scores too (pass score cut-offs, e.g. HScore 169).
     """
     y, s = _yp(y, p)
     t = _check_thresholds(thresholds, open_unit=False)
     tp, fp, tn, fn = _confusion(y, s, t)
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "threshold": t,
             "tp": tp.astype("int64"),
@@ -513,6 +560,14 @@ def threshold_metrics(y, p, thresholds) -> pd.DataFrame:
             "flagged_share": (tp + fp) / y.size,
         }
     )
+    for name, hits, total in (
+        ("sensitivity", tp, tp + fn),
+        ("specificity", tn, tn + fp),
+        ("ppv", tp, tp + fp),
+        ("npv", tn, tn + fn),
+    ):
+        table[f"{name}_lo"], table[f"{name}_hi"] = wilson_interval(hits, total, alpha)
+    return table
 
 
 def net_benefit(y, p, thresholds) -> pd.DataFrame:
@@ -700,7 +755,8 @@ def evaluate(
 
     Keys: n, events, prevalence, mean_predicted, auroc/auprc/brier/calibration_intercept/
     calibration_slope (each ``{"estimate", "lo", "hi"}``), log_loss, ece, calibration_curve,
-    threshold_metrics, net_benefit (lists of row dicts), bootstrap (method, n_boot, seed, alpha) and
+    threshold_metrics (with 1 - alpha Wilson intervals for its rates), net_benefit (lists of row dicts),
+    bootstrap (method, n_boot, seed, alpha) and
     warnings (list of strings; empty when nothing is wrong). It is logged to MLflow and written into
     bundle manifests and model cards, so it never contains numpy types.
     """
@@ -718,7 +774,7 @@ def evaluate(
     report["log_loss"] = log_loss(y, p)
     report["ece"] = ece(y, p, bins)
     report["calibration_curve"] = calibration_curve(y, p, bins)
-    report["threshold_metrics"] = threshold_metrics(y, p, list(thresholds))
+    report["threshold_metrics"] = threshold_metrics(y, p, list(thresholds), alpha=alpha)
     report["net_benefit"] = net_benefit(y, p, list(nb_thresholds))
     report["bootstrap"] = {
         "method": "percentile, stratified by outcome",

@@ -16,19 +16,54 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_card_support import (
+    assert_not_blank,
+    by,
+    dump_dom,
+    ensure_chromium,
+    figures,
+    install_chromium,
+    interval,
+    pairs,
+    screenshot,
+    table,
+)
 
 from masml import causal, guardrails
 from masml.cohort import simulate, write_cohort
 from masml.config import ConfigError, config_from_dict, load_config
 from masml.encoding import encode_inputs
 from masml.io import load_dataset
-from masml.schema import TRIGGERS
+from masml.schema import TRIGGER_FAMILY, TRIGGERS
 from masml.training import TrainingDataError
 from pipelines.il1_benefit import run_il1_benefit_pipeline
 
 MASML = str(Path(sys.executable).with_name("masml"))
 TINY = "tuning:\n  n_trials: 2\n  max_rounds: 120\nn_boot: 100\nfolds: 3\n"
 RULE_IDS = {"parasitic_or_fungal_trigger", "malignancy_trigger", "outside_overlap", "icu_level_severity"}
+CARD_HEADINGS = (
+    "Summary",
+    "Model details",
+    "Intended use",
+    "Training and evaluation data",
+    "Benefit of IL-1 blockade",
+    "Limitations",
+    "Ethical considerations",
+    "Monitoring plan",
+    "TRIPOD+AI checklist",
+    "Sign-off",
+)
+CARD_SUBHEADINGS = (
+    "Assumptions",
+    "Average effect on held-out patients",
+    "Overlap and balance",
+    "Calibration by predicted-benefit group",
+    "Ranking (Qini, RATE/TOC)",
+    "Policies: deaths per 100 patients (doubly robust estimate)",
+    "By trigger family",
+    "Guardrails returned with every prediction",
+)
+CARD_FIGURES = {"overlap", "balance", "benefit by trigger", "qini"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +77,9 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(workspace):
+    # The card's PDF needs Chromium: install it when missing (and possible), and remember whether the run
+    # had it, so the card test knows whether card.pdf must have reached the MLflow run.
+    workspace["chromium_missing"] = install_chromium()
     os.environ["MLFLOW_TRACKING_URI"] = workspace["uri"]
     try:
         return run_il1_benefit_pipeline(
@@ -281,7 +319,9 @@ def test_run_is_tracked_with_plots_and_the_model_registered(run, workspace):
     assert str(champion.version) == run.registered_version
 
 
-def test_benefit_card_carries_the_estimand_assumptions_overlap_policies_and_guardrails(run, workspace):
+def test_benefit_card_carries_the_estimand_assumptions_overlap_policies_and_guardrails(
+    run, workspace, tmp_path
+):
     from mlflow import MlflowClient
 
     from masml.card import fmt
@@ -301,8 +341,83 @@ def test_benefit_card_carries_the_estimand_assumptions_overlap_policies_and_guar
     assert set(card["benefit"]["figures"]) == {"overlap", "balance", "benefit_by_trigger", "qini"}
     assert "performance" not in card and {i["section"] for i in card["tripod_ai"]} >= {"benefit", "data"}
     assert 'id="synthetic"' in page and ">Benefit of IL-1 blockade</h2>" in page
-    artifacts = {a.path for a in MlflowClient(workspace["uri"]).list_artifacts(run.run_id, "card")}
+    client = MlflowClient(workspace["uri"])
+    artifacts = {a.path for a in client.list_artifacts(run.run_id, "card")}
     assert {"card/card.json", "card/card.html"} <= artifacts
+    # the printed card reaches the run with the other two; without Chromium, card.json says why it is absent
+    if workspace["chromium_missing"]:
+        assert card["pdf"]["rendered"] is False and card["pdf"]["reason"]
+        assert "card/card.pdf" not in artifacts
+    else:
+        assert card["pdf"] == {"rendered": True, "file": "card.pdf", "reason": None}
+        assert "card/card.pdf" in artifacts
+        logged = Path(client.download_artifacts(run.run_id, "card/card.pdf", str(tmp_path)))
+        assert logged.read_bytes()[:5] == b"%PDF-"
+        assert logged.read_bytes() == (run.bundle_dir / "card.pdf").read_bytes()
+
+
+def test_benefit_card_numbers_are_the_runs_report(run, workspace):
+    """Qini/RATE, policy values, calibration and held-out data, read back from the page's tables and
+    compared with the run's report and the held-out frame it used (not with card.json, made by the same
+    code as the page)."""
+    from masml.card import fmt
+
+    page = (run.bundle_dir / "card.html").read_text()
+    saved = json.loads((run.bundle_dir / "card.json").read_text())
+    report = run.report
+    uplift = by(table(page, "benefit", "metric"), "metric")
+    assert set(uplift) == set(report["uplift"]) == {"autoc", "qini", "auuc"}
+    for name, value in report["uplift"].items():
+        shown = uplift[name]
+        assert (shown["estimate"], shown["lo"], shown["hi"]) == tuple(
+            fmt(float(value[k])) for k in ("estimate", "ci_low", "ci_high")
+        ), name
+        assert saved["benefit"]["uplift"][name] == pytest.approx(value)
+    dr = report["policy_dr_deaths_per_100"]
+    policies = {r["policy"]: r["deaths per 100"] for r in table(page, "benefit", "policy")}
+    assert policies == {k.replace("_", " "): fmt(float(dr[k])) for k in ("model", "treat_all", "treat_none")}
+    facts = pairs(page, "benefit")
+    share = float(np.mean(run.extra["prediction"]["benefit"] > 0))  # the model's policy: treat if benefit > 0
+    assert dr["share_treated_by_model"] == pytest.approx(share)
+    assert facts["Share of held-out patients the model would treat (predicted benefit > 0)"] == fmt(share)
+    true_policies = {r["policy (true outcomes)"]: r["deaths per 100"]
+                     for r in table(page, "benefit", "policy (true outcomes)")}  # fmt: skip
+    truth = report["truth"]["deaths_per_100"]
+    assert true_policies == {k.replace("_", " "): fmt(float(v)) for k, v in truth.items()}
+    assert facts["Calibration slope of predicted benefit"] == fmt(float(report["calibration_slope"]))
+    for title, key in (("AIPW average benefit [95% CI]", "ate_aipw"),
+                       ("Within the overlap region [95% CI]", "ate_aipw_trimmed")):  # fmt: skip
+        ate = report[key]
+        assert facts[title] == interval(ate["estimate"], ate["ci_low"], ate["ci_high"]), title
+    # the held-out data the card describes is the frame the run evaluated on
+    test = run.extra["test"]
+    config = load_config(workspace["config"], "il1_benefit")
+    described = saved["data"]["evaluation"]
+    assert described["rows"] == len(test) == run.manifest["training_data"]["test_rows"]
+    families = test["trigger"].astype(str).map(lambda t: TRIGGER_FAMILY.get(t, "missing"))
+    assert {r["level"]: r["n"] for r in described["trigger_family"]} == families.value_counts().to_dict()
+    assert described["missingness"] == pytest.approx({n: float(test[n].isna().mean()) for n in config.inputs})
+    data = pairs(page, "data")
+    assert data["Held-out rows"] == fmt(len(test))
+    assert data["Prevalence (held-out)"] == fmt(float(test[config.label].mean()))
+
+
+def test_benefit_card_renders_in_headless_chromium_with_headings_and_figures(run):
+    ensure_chromium()
+    page = run.bundle_dir / "card.html"
+    pixels = screenshot(page, "benefit_card.png")
+    assert pixels.shape == (2400, 1200)
+    assert_not_blank(pixels)
+    dom = dump_dom(page)
+    for heading in CARD_HEADINGS:
+        assert f">{heading}</h2>" in dom, heading
+    for heading in CARD_SUBHEADINGS:
+        assert f">{heading}</h3>" in dom, heading
+    assert ">Performance on held-out patients</h2>" not in dom  # a benefit card, not a risk card
+    assert 'id="synthetic"' in dom
+    shown = figures(dom)
+    assert set(shown) == CARD_FIGURES
+    assert all(w > 100 and h > 100 for w, h in shown.values()), shown
 
 
 def test_same_data_config_and_seed_give_an_identical_graph(run, workspace, tmp_path):

@@ -1,24 +1,39 @@
-"""The model card in a real browser: headless Chromium renders it, prints it to PDF, and it is not blank.
+"""The model card in a real browser: headless Chromium renders it, prints it to PDF, and it is not blank;
+and every section's numbers, read back from the page, are the run's own.
 
 Chromium comes from Debian's ``chromium`` package; when it is missing the test installs it with apt-get
 (CI runs as root on a clean machine). The screenshot is kept in ``test-artifacts/`` for a human to look at.
+Why the numbers are checked against the run and not against card.json: card.json is made by the same code
+as the page, so agreeing with it proves little; the frame the model was trained on, the comparison table,
+the held-out risks and the SHAP importance table are what the card claims to report.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
+from statsmodels.stats.proportion import proportion_confint
+from test_card_support import (
+    assert_not_blank,
+    by,
+    dump_dom,
+    ensure_chromium,
+    figures,
+    interval,
+    pairs,
+    screenshot,
+    table,
+)
 
 from masml import card
+from masml.card import fmt
+from masml.schema import TRIGGER_FAMILY
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 HEADINGS = (
     "Model details",
     "Intended use",
@@ -31,53 +46,77 @@ HEADINGS = (
     "TRIPOD+AI checklist",
     "Sign-off",
 )
-
-
-def _ensure_chromium() -> None:
-    if card.chromium():
-        return
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.fail("Chromium is missing and cannot be installed here (needs apt-get as root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True, timeout=600)
-    done = subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True,
-                          text=True, timeout=1200)  # fmt: skip
-    assert done.returncode == 0 and card.chromium(), done.stderr[-2000:]
+SUBHEADINGS = (
+    "Discrimination",
+    "Calibration and accuracy of the probabilities",
+    "At the configured thresholds",
+)
+CI = " [95% CI]"
 
 
 @pytest.fixture(scope="module")
-def card_files(tmp_path_factory):
-    """A real card: a tiny onset run on a small cohort, without tracking."""
+def card_run(tmp_path_factory):
+    """A real card: a tiny onset run on a small cohort, without tracking; its log lines are kept."""
     from masml.cohort import simulate, write_cohort
     from masml.config import config_from_dict
     from pipelines.risk import run_risk_pipeline
 
-    _ensure_chromium()
+    ensure_chromium()
     tmp = tmp_path_factory.mktemp("card")
     data, _ = write_cohort(simulate(2_000, seed=41), tmp / "cohort.parquet")
     tiny = {"tuning": {"n_trials": 1, "max_rounds": 80}, "folds": 2, "n_boot": 50}
     config = config_from_dict(tiny, "onset")
-    return run_risk_pipeline("onset", data, tmp / "bundle", config=config, log=lambda m: None, track=False)
+    lines: list[str] = []
+    result = run_risk_pipeline("onset", data, tmp / "bundle", config=config, log=lines.append, track=False)
+    return SimpleNamespace(result=result, config=config, data=data, log=lines)
+
+
+@pytest.fixture(scope="module")
+def card_files(card_run):
+    return card_run.result
+
+
+@pytest.fixture(scope="module")
+def page(card_files) -> str:
+    return (card_files.bundle_dir / "card.html").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def saved(card_files) -> dict:
+    return json.loads((card_files.bundle_dir / "card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def used(card_run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training, held-out) frames the run used, rebuilt with the pipeline's own documented steps (load,
+    population rule, split grouped by patient and stratified with the config's seed). The held-out labels
+    must equal the run's, row for row, so a different split cannot pass for the one the card describes."""
+    from masml.io import load_dataset
+    from masml.training import select_population, split_holdout
+
+    config = card_run.config
+    pop, _ = select_population(load_dataset(card_run.data, require_labels=(config.label,)), config)
+    y = pop[config.label].to_numpy(dtype=float)
+    train_idx, test_idx = split_holdout(y, pop["patient_id"].astype(str).to_numpy(), config.test_size,
+                                        config.seed)  # fmt: skip
+    np.testing.assert_array_equal(y[test_idx], card_run.result.extra["y_test"])
+    return pop.iloc[train_idx], pop.iloc[test_idx]
 
 
 def test_card_renders_in_headless_chromium_with_headings_and_figures(card_files):
     bundle = card_files.bundle_dir
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "model_card.png"
-    shot.unlink(missing_ok=True)
-    page = (bundle / "card.html").resolve().as_uri()
-    card.run_chromium(["--window-size=1200,2400", "--hide-scrollbars", f"--screenshot={shot}", page])
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    pixels = screenshot(bundle / "card.html", "model_card.png")
     assert pixels.shape == (2400, 1200)
-    assert pixels.std() > 20 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page
-    dom = subprocess.run([card.chromium(), *card.CHROMIUM_FLAGS, "--dump-dom", page], capture_output=True,
-                         text=True, timeout=120).stdout  # fmt: skip
+    assert_not_blank(pixels)  # text and figures, not a blank page
+    dom = dump_dom(bundle / "card.html")
     for heading in HEADINGS:
-        assert f">{heading}</h2>" in dom.replace("&amp;", "&"), heading
+        assert f">{heading}</h2>" in dom, heading
+    for heading in SUBHEADINGS:
+        assert f">{heading}</h3>" in dom, heading
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', dom)
     assert {"roc", "precision recall", "calibration", "decision curve", "SHAP summary"} <= set(images)
+    # each figure is a real picture, not a broken data URI
+    assert all(w > 100 and h > 100 for w, h in figures(dom).values())
 
 
 def test_card_pdf_is_printed_with_every_section(card_files):
@@ -90,3 +129,148 @@ def test_card_pdf_is_printed_with_every_section(card_files):
     assert saved["performance"]["model"]["auroc"] == pytest.approx(
         float(card_files.comparison.set_index("model").loc["model", "auroc"])
     )
+    assert saved["pdf"] == {"rendered": True, "file": "card.pdf", "reason": None}
+
+
+def test_a_card_without_its_pdf_says_so_in_the_log_note_and_in_card_json(card_run, monkeypatch, tmp_path):
+    """No Chromium: the note the pipelines print starts with WARNING, card.json records why, and a PDF
+    left from an earlier card does not pass for this one."""
+    line = [m for m in card_run.log if "model card" in m]
+    assert len(line) == 1 and "(PDF rendered with headless Chromium)" in line[0]  # the note reaches the log
+
+    monkeypatch.setattr(card, "chromium", lambda: None)
+    (tmp_path / "card.pdf").write_bytes(b"%PDF-1.4 an older card")
+    paths, note = card.write_card(card_run.result.extra["card"], tmp_path)
+    assert note.startswith("WARNING") and "NOT rendered" in note and "Chromium is not installed" in note
+    assert [p.name for p in paths] == ["card.json", "card.html"] and not (tmp_path / "card.pdf").exists()
+    status = json.loads((tmp_path / "card.json").read_text())["pdf"]
+    assert status["rendered"] is False and status["file"] is None
+    assert "Chromium is not installed" in status["reason"]
+    # the status lives in card.json only: the page is the same, so `masml report` re-renders it exactly
+    bundle_page = (card_run.result.bundle_dir / "card.html").read_text()
+    assert (tmp_path / "card.html").read_text() == bundle_page
+    assert card.render_html(json.loads((tmp_path / "card.json").read_text())) == bundle_page
+
+
+def test_data_section_describes_the_training_frame_actually_used(used, card_run, page, saved):
+    train, test = used
+    config, n = card_run.config, len(train)
+    assert n == card_run.result.manifest["training_data"]["train_rows"] == saved["data"]["training"]["rows"]
+    described = saved["data"]["training"]
+    expected = {
+        "trigger family": train["trigger"].astype(str).map(TRIGGER_FAMILY).fillna("missing").value_counts(),
+        "age band": pd.cut(train["age_years"], [-np.inf, 16, 65, np.inf], right=False,
+                           labels=["<16", "16-64", ">=65"]).astype(str).value_counts(),  # fmt: skip
+        "sex": train["sex"].astype(str).value_counts(),
+    }
+    for title, key in (("trigger family", "trigger_family"), ("age band", "age_band"), ("sex", "sex")):
+        counts = {str(k): int(v) for k, v in expected[title].items() if v > 0}
+        assert len(counts) >= 2, title  # a table with one level would check little
+        assert {r["level"]: r["n"] for r in described[key]} == counts, title
+        rows = table(page, "data", title)
+        assert {r[title]: (r["n"], r["share"]) for r in rows} == {
+            level: (fmt(c), fmt(c / n)) for level, c in counts.items()
+        }, title
+        assert [int(r["n"].replace(",", "")) for r in rows] == sorted(counts.values(), reverse=True)
+    missing = {name: float(train[name].isna().mean()) for name in config.inputs}
+    assert sum(v > 0 for v in missing.values()) >= 3  # the cohort has missing laboratory values
+    assert described["missingness"] == pytest.approx(missing)
+    shown = {r["input"]: r["share missing"] for r in table(page, "data", "share missing")}
+    assert shown == {name: fmt(v) for name, v in missing.items()}
+    facts = pairs(page, "data")
+    assert facts["Training rows"] == fmt(n) and facts["Held-out rows"] == fmt(len(test))
+    assert facts["Prevalence (training)"] == fmt(float(train[config.label].mean()))
+    assert facts["Prevalence (held-out)"] == fmt(float(test[config.label].mean()))
+    assert facts["Median age (training)"] == fmt(float(train["age_years"].median()))
+
+
+def test_performance_tables_print_every_interval_of_the_runs_comparison(card_files, page, saved):
+    """Model, baseline, ceiling and each clinical score: every metric with its bootstrap 95% CI."""
+    comparison = card_files.comparison
+    discrimination = by(table(page, "performance", "AUROC" + CI), "model")
+    calibration = by(table(page, "performance", "Brier" + CI), "model")
+    assert set(discrimination) == set(comparison["model"])
+    assert {"model", "logistic_baseline", "ceiling", "hscore", "hlh2004", "ferritin"} <= set(discrimination)
+    for _, row in comparison.iterrows():
+        name = row["model"]
+        shown = discrimination[name]
+        assert shown["n"] == fmt(int(row["rows"])), name
+        for metric, title in (("auroc", "AUROC"), ("auprc", "AUPRC"), ("auroc_diff", "Δ AUROC vs ceiling")):
+            assert shown[title + CI] == interval(row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"]), name
+        if not row["probabilistic"]:  # a clinical score: points or a rule, so no calibration row
+            assert name not in calibration, name
+            continue
+        shown = calibration[name]
+        for metric, title in (("brier", "Brier"), ("calibration_slope", "calibration slope"),
+                              ("calibration_intercept", "calibration intercept")):  # fmt: skip
+            assert np.isfinite(row[f"{metric}_lo"]) and "[" in shown[title + CI], (name, metric)
+            assert shown[title + CI] == interval(row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"])
+        for metric, title in (("ece", "ECE"), ("ece_floor", "ECE floor"), ("ece_vs_truth", "ECE vs truth")):
+            assert shown[title] == fmt(float(row[metric])), (name, metric)
+    assert set(calibration) == {"model", "logistic_baseline", "ceiling"}
+    # card.json keeps every interval of the model's row, and the whole comparison
+    model = comparison.set_index("model").loc["model"]
+    for metric in card.INTERVAL_METRICS:
+        for key in (metric, f"{metric}_lo", f"{metric}_hi"):
+            assert saved["performance"]["model"][key] == pytest.approx(float(model[key])), key
+    assert [r["model"] for r in saved["performance"]["comparison"]] == list(comparison["model"])
+
+
+def test_calibration_intercept_and_summary_carry_their_intervals(card_files, page, saved):
+    """The held-out report's calibration-in-the-large is the comparison's (same bootstrap replicates)
+    and is printed with its interval in the summary and the calibration table."""
+    report = card_files.test_report["calibration_intercept"]
+    model = card_files.comparison.set_index("model").loc["model"]
+    assert report["estimate"] == pytest.approx(model["calibration_intercept"])
+    assert (report["lo"], report["hi"]) == pytest.approx(
+        (model["calibration_intercept_lo"], model["calibration_intercept_hi"])
+    )
+    assert report["lo"] < report["hi"]
+    assert saved["performance"]["calibration"]["calibration_intercept"] == pytest.approx(report)
+    expected = interval(report["estimate"], report["lo"], report["hi"])
+    summary = pairs(page, "summary")
+    assert summary["Calibration intercept" + CI] == expected
+    assert summary["Calibration slope" + CI] == interval(
+        model["calibration_slope"], model["calibration_slope_lo"], model["calibration_slope_hi"]
+    )
+    assert summary["AUROC" + CI] == interval(model["auroc"], model["auroc_lo"], model["auroc_hi"])
+    calibration = by(table(page, "performance", "Brier" + CI), "model")
+    assert calibration["model"]["calibration intercept" + CI] == expected
+
+
+def test_threshold_rows_are_recounted_from_the_held_out_risks_with_wilson_intervals(card_run, page, saved):
+    """Counts redone from the run's held-out labels and risks; intervals from statsmodels' Wilson."""
+    y = card_run.result.extra["y_test"]
+    mask, risk = card_run.result.extra["curves"]["model"]
+    assert mask.all() and len(risk) == len(y)
+    rows = table(page, "performance", "sensitivity" + CI)
+    thresholds = list(card_run.config.thresholds)
+    assert [r["threshold"] for r in rows] == [fmt(float(t)) for t in thresholds]
+    for shown, t in zip(rows, thresholds, strict=True):
+        flagged, event = risk >= t, y == 1
+        tp, fp = int((flagged & event).sum()), int((flagged & ~event).sum())
+        fn, tn = int((~flagged & event).sum()), int((~flagged & ~event).sum())
+        for title, hits, total in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                                   ("PPV", tp, tp + fp), ("NPV", tn, tn + fn)):  # fmt: skip
+            if total == 0:
+                assert shown[title + CI] == "–", (t, title)
+                continue
+            lo, hi = proportion_confint(hits, total, alpha=0.05, method="wilson")
+            assert shown[title + CI] == interval(hits / total, lo, hi), (t, title)
+        assert shown["flagged"] == fmt(float(flagged.mean()))
+    assert any("[" in r["PPV" + CI] for r in rows)  # at least one threshold flags someone
+    for row in saved["performance"]["thresholds"]:
+        for rate in ("sensitivity", "specificity", "ppv", "npv"):
+            assert f"{rate}_lo" in row and f"{rate}_hi" in row, rate
+    assert "Wilson" in saved["performance"]["intervals"]["thresholds"]
+
+
+def test_shap_top_features_are_the_runs_importance_table(card_files, page, saved):
+    importance = card_files.extra["importance"].head(10)
+    assert len(importance) == 10
+    shown = [(r["feature"], r["mean |SHAP| (log-odds)"]) for r in table(page, "explanations", "feature")]
+    assert shown == [(f, fmt(float(v))) for f, v in zip(importance["feature"], importance["mean_abs_shap"],
+                                                         strict=True)]  # fmt: skip
+    top = saved["explanations"]["top_features"]
+    assert [t["feature"] for t in top] == list(importance["feature"])
+    assert [t["mean_abs_shap"] for t in top] == pytest.approx(list(importance["mean_abs_shap"]))

@@ -162,6 +162,82 @@ def test_threshold_metrics_by_hand():
     assert nobody["npv"] == pytest.approx(0.7) and nobody["flagged_share"] == 0
 
 
+Z95 = float(norm.ppf(0.975))
+
+
+def _score_test_roots(x: int, n: int) -> tuple[float, float]:
+    """Wilson's interval by its definition: the proportions pi a score test at 95% does not reject, i.e.
+    the roots of (x/n - pi)^2 = z^2 pi (1 - pi) / n, a quadratic in pi (solved here by numpy.roots)."""
+    share, z2 = x / n, Z95**2
+    roots = np.roots([1 + z2 / n, -(2 * share + z2 / n), share**2])
+    return float(roots.real.min()), float(roots.real.max())
+
+
+def test_wilson_interval_known_values_and_its_definition():
+    from statsmodels.stats.proportion import proportion_confint
+
+    # 8/10: the textbook example, [0.490, 0.943] (Wald would give [0.552, 1.048], outside [0, 1]).
+    lo, hi = ev.wilson_interval(8, 10)
+    assert (round(float(lo), 3), round(float(hi), 3)) == (0.490, 0.943)
+    assert (float(lo), float(hi)) == pytest.approx(_score_test_roots(8, 10), abs=1e-12)
+    assert (float(lo), float(hi)) == pytest.approx(proportion_confint(8, 10, method="wilson"), abs=1e-12)
+    # 0/5: the lower bound is exactly 0 and the upper one z^2 / (n + z^2) (a root of the quadratic),
+    # where Wald's interval would collapse to [0, 0].
+    lo, hi = ev.wilson_interval(0, 5)
+    assert float(lo) == 0.0 and float(hi) == pytest.approx(Z95**2 / (5 + Z95**2), abs=1e-12)
+    lo, hi = ev.wilson_interval(5, 5)  # mirror image: n/n
+    assert float(hi) == 1.0 and float(lo) == pytest.approx(5 / (5 + Z95**2), abs=1e-12)
+    # Every case of a small table agrees with the definition, and a 90% interval is narrower.
+    for x, n in [(1, 3), (2, 7), (13, 29), (81, 263)]:
+        assert tuple(float(v) for v in ev.wilson_interval(x, n)) == pytest.approx(_score_test_roots(x, n))
+        lo90, hi90 = ev.wilson_interval(x, n, alpha=0.1)
+        lo95, hi95 = ev.wilson_interval(x, n)
+        assert lo95 < lo90 < x / n < hi90 < hi95
+    with pytest.raises(ValueError, match="successes <= n"):
+        ev.wilson_interval(6, 5)
+
+
+def test_wilson_interval_of_an_empty_denominator_is_nan_not_an_error():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division-by-zero RuntimeWarning either
+        lo, hi = ev.wilson_interval(0, 0)
+        both = ev.wilson_interval(np.array([0, 3]), np.array([0, 4]))
+    assert math.isnan(lo) and math.isnan(hi)
+    assert math.isnan(both[0][0]) and math.isnan(both[1][0])
+    assert (both[0][1], both[1][1]) == pytest.approx(_score_test_roots(3, 4))
+
+
+def test_threshold_metrics_carry_wilson_intervals_and_keep_their_columns():
+    t = ev.threshold_metrics(Y_SMALL, P_SMALL, [0.1, 0.5, 0.95])
+    # The public columns are unchanged, in their order; the intervals come after them.
+    rates = ["sensitivity", "specificity", "ppv", "npv"]
+    original = ["threshold", "tp", "fp", "tn", "fn", *rates, "flagged_share"]
+    assert list(t.columns) == original + [f"{r}_{b}" for r in rates for b in ("lo", "hi")]
+    t = t.set_index("threshold")
+    # p >= 0.5: TP 2, FP 1, TN 6, FN 1 (counted by hand in test_threshold_metrics_by_hand).
+    row = t.loc[0.5]
+    for rate, (x, n) in {"sensitivity": (2, 3), "specificity": (6, 7), "ppv": (2, 3), "npv": (6, 7)}.items():
+        assert (row[f"{rate}_lo"], row[f"{rate}_hi"]) == pytest.approx(_score_test_roots(x, n)), rate
+        assert row[f"{rate}_lo"] < row[rate] < row[f"{rate}_hi"]
+    # p >= 0.95 flags nobody: PPV and its interval are undefined; sensitivity 0/3 still has an interval.
+    nobody = t.loc[0.95]
+    assert math.isnan(nobody["ppv_lo"]) and math.isnan(nobody["ppv_hi"])
+    assert nobody["sensitivity_lo"] == 0 and nobody["sensitivity_hi"] == pytest.approx(Z95**2 / (3 + Z95**2))
+    # p >= 0.1 catches every event: sensitivity 3/3, its upper bound exactly 1.
+    assert t.loc[0.1, "sensitivity_hi"] == 1.0 and t.loc[0.1, "sensitivity_lo"] == pytest.approx(
+        3 / (3 + Z95**2)
+    )
+    # evaluate() passes its alpha on, and the report stays strict JSON (NaN bounds become null).
+    y, p = _draw(400, seed=15)
+    narrow = ev.evaluate(y, p, thresholds=[0.2, 0.999], n_boot=20, alpha=0.1)["threshold_metrics"]
+    assert narrow[1]["ppv_lo"] is None and narrow[1]["ppv"] is None
+    json.dumps(narrow, allow_nan=False)
+    expected = ev.wilson_interval(narrow[0]["tp"], narrow[0]["tp"] + narrow[0]["fn"], alpha=0.1)
+    assert (narrow[0]["sensitivity_lo"], narrow[0]["sensitivity_hi"]) == pytest.approx(expected)
+
+
 def test_net_benefit_by_hand():
     nb = ev.net_benefit(Y_SMALL, P_SMALL, [0.1, 0.5]).set_index("threshold")
     # pt = 0.1: TP 3, FP 4, n 10 -> 3/10 - 4/10 * (0.1/0.9); treat all: 0.3 - 0.7 * (1/9).
