@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import signal
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,13 @@ THREAD_ROWS = 64  # batches above this run in a worker thread so the event loop 
 EXPLAIN_THREAD_ROWS = 4  # explaining costs ~0.5 ms per row for 300 trees: move off the loop sooner
 TOP_DEFAULT = 5  # inputs listed in an explanation's ``top`` unless the request says ``"top": k``
 _dec = msgspec.json.Decoder()
+# OIP: a bundle with guardrails answers ``infer`` with one more tensor, BYTES [N], one JSON text per patient.
+GUARDRAILS_OUTPUT = "guardrails"
+GUARDRAILS_TENSOR_TEXT = (
+    "BYTES [N]: per patient, a UTF-8 JSON array of the manifest's guardrail flags, "
+    '[{"id", "status" (fires|clear|unknown), "message", "kind" (when the rule has one)}], '
+    "the same list as REST predict's 'guardrails'"
+)
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -668,7 +676,12 @@ async def _predict(request: Request, state: State, ctx: dict, endpoint: str) -> 
 
 
 async def invocations(request: Request, state: State, ctx: dict) -> Response:
-    """MLflow's ``/invocations``: one served model by default, ``?model=<task>`` when several are loaded."""
+    """MLflow's ``/invocations``: one served model by default, ``?model=<task>`` when several are loaded.
+
+    Each record holds the outputs as numbers under their names; for a bundle with guardrails it also holds
+    ``guardrails``, the same list of flags as REST predict (MLflow clients read records as objects, so an
+    extra key keeps the answer valid for them).
+    """
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise Problems(
@@ -719,9 +732,13 @@ async def invocations(request: Request, state: State, ctx: dict) -> Response:
     if isinstance(patients, list):
         _batch_size_ok(len(patients), state, where)
     x64, _ = model.encoder.encode(patients, where)
-    outputs, _flags, _ = await _score(state, model, x64, ctx, "invocations", guard=False)
+    outputs, flags, _ = await _score(state, model, x64, ctx, "invocations")
     cols = {k: v.tolist() for k, v in outputs.items()}
-    return json_response({"predictions": [{k: cols[k][i] for k in cols} for i in range(x64.shape[0])]})
+    preds = [{k: cols[k][i] for k in cols} for i in range(x64.shape[0])]
+    if flags is not None:  # a bundle with guardrails: each record carries them, as REST predict does
+        for row, f in zip(preds, flags, strict=True):
+            row["guardrails"] = f
+    return json_response({"predictions": preds})
 
 
 def _split_to_records(split: Any) -> Any:
@@ -776,22 +793,32 @@ def _check_version(request: Request, model: Model) -> None:
         raise Problems(404, f"model {model.task!r} has no version {v!r} (serving {model.version})")
 
 
+def _oip_outputs(m: Model) -> list[str]:
+    """What ``infer`` can return: the graph's exposed outputs, then ``guardrails`` if the bundle has rules."""
+    return [*m.outputs, GUARDRAILS_OUTPUT] if m.guardrails else m.outputs
+
+
 async def v2_model(request: Request, state: State, ctx: dict) -> Response:
     m = _model(state, request.path_params["m"], ctx)
     _check_version(request, m)
+    params: dict[str, Any] = {
+        "input_columns": m.encoder.names,
+        "sha256": m.sha256,
+        "model_name": m.name,
+        "explainer": m.explainer is not None,  # POST /v2/models/{m}/explain answers
+    }
+    outputs = [{"name": o, "datatype": "FP32", "shape": [-1]} for o in m.outputs]
+    if m.guardrails:
+        outputs.append({"name": GUARDRAILS_OUTPUT, "datatype": "BYTES", "shape": [-1]})
+        params["guardrails_output"] = GUARDRAILS_TENSOR_TEXT
     return json_response(
         {
             "name": m.task,
             "versions": [m.version],
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, len(m.encoder.names)]}],
-            "outputs": [{"name": o, "datatype": "FP32", "shape": [-1]} for o in m.outputs],
-            "parameters": {
-                "input_columns": m.encoder.names,
-                "sha256": m.sha256,
-                "model_name": m.name,
-                "explainer": m.explainer is not None,  # POST /v2/models/{m}/explain answers
-            },
+            "outputs": outputs,
+            "parameters": params,
         }
     )
 
@@ -897,27 +924,53 @@ async def _oip_request(
     return OipRequest(x32, req_id, body.get("outputs"), bool(params.get("binary_data_output", False)))
 
 
+def _selected(req: OipRequest, available: list[str]) -> tuple[list[str], dict[str, bool]]:
+    """The output names the request asks for (default: all ``available``) and which of them go binary."""
+    if req.wanted is None:
+        return available, {}
+    if not isinstance(req.wanted, list) or not all(
+        isinstance(o, dict) and o.get("name") in available for o in req.wanted
+    ):
+        raise Problems(400, f"requested outputs must be among {available}")
+    per_binary = {
+        o["name"]: bool((o.get("parameters") or {}).get("binary_data", req.binary_out)) for o in req.wanted
+    }
+    return [o["name"] for o in req.wanted], per_binary
+
+
 def _oip_response(
-    model: Model, req: OipRequest, outputs: dict[str, np.ndarray], extra: dict | None = None
+    model: Model,
+    req: OipRequest,
+    outputs: dict[str, np.ndarray],
+    extra: dict | None = None,
+    strings: dict[str, list[bytes]] | None = None,
 ) -> Response:
-    """The requested (default: all) ``outputs`` as FP32 tensors, JSON or binary as the request asked."""
-    available = list(outputs)
-    names, per_binary = available, {}
-    if req.wanted is not None:
-        if not isinstance(req.wanted, list) or not all(
-            isinstance(o, dict) and o.get("name") in available for o in req.wanted
-        ):
-            raise Problems(400, f"requested outputs must be among {available}")
-        names = [o["name"] for o in req.wanted]
-        per_binary = {
-            o["name"]: bool((o.get("parameters") or {}).get("binary_data", req.binary_out))
-            for o in req.wanted
-        }
+    """The requested (default: all) ``outputs`` as FP32 tensors and ``strings`` as BYTES tensors of shape
+    [N] (UTF-8), JSON or binary as the request asked.
+
+    BYTES follow the protocol: in JSON, ``data`` is a list of strings; in binary, each element is its
+    length (4 bytes, little-endian) then its bytes, and ``binary_data_size`` counts both.
+    """
+    strings = strings or {}
+    names, per_binary = _selected(req, [*outputs, *strings])
     out_meta, blobs = [], []
     for name in names:
+        binary = per_binary.get(name, req.binary_out)
+        meta: dict[str, Any]
+        if name in strings:
+            items = strings[name]
+            meta = {"name": name, "datatype": "BYTES", "shape": [len(items)]}
+            if binary:
+                blob = b"".join(struct.pack("<I", len(b)) + b for b in items)
+                meta["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                meta["data"] = [b.decode() for b in items]
+            out_meta.append(meta)
+            continue
         v = np.ascontiguousarray(outputs[name], dtype="<f4")
-        meta: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [int(d) for d in v.shape]}
-        if per_binary.get(name, req.binary_out):
+        meta = {"name": name, "datatype": "FP32", "shape": [int(d) for d in v.shape]}
+        if binary:
             meta["parameters"] = {"binary_data_size": v.nbytes}
             blobs.append(v.tobytes())
         else:
@@ -942,8 +995,11 @@ async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
     model = _model(state, request.path_params["m"], ctx)
     _check_version(request, model)
     req = await _oip_request(request, state, model, lambda n, where: _batch_size_ok(n, state, where))
-    outputs, _, _ = await _score(state, model, req.x32.astype(np.float64), ctx, "v2_infer", guard=False)
-    return _oip_response(model, req, outputs)
+    names, _ = _selected(req, _oip_outputs(model))  # a bad "outputs" is refused before scoring
+    guard = GUARDRAILS_OUTPUT in names  # not asked for (client named other outputs): not evaluated
+    outputs, flags, _ = await _score(state, model, req.x32.astype(np.float64), ctx, "v2_infer", guard=guard)
+    strings = {GUARDRAILS_OUTPUT: [_enc.encode(f) for f in flags]} if flags is not None else None
+    return _oip_response(model, req, outputs, strings=strings)
 
 
 async def v2_explain(request: Request, state: State, ctx: dict) -> Response:

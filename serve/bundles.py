@@ -100,7 +100,7 @@ class Model:
             "thresholds": m.get("thresholds"),
             "metrics": _metrics_summary(m.get("metrics") or {}),
             "guardrails": [
-                {"id": r.id, "message": r.message, "source": r.source}
+                {"id": r.id, "message": r.message, "source": r.source} | ({"kind": r.kind} if r.kind else {})
                 for r in (self.guardrails.rules if self.guardrails else [])
             ],
             "created_at": m.get("created_at"),

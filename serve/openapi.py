@@ -13,6 +13,14 @@ from serve import __version__
 from serve.bundles import Model, Snapshot
 
 REF = "#/components/schemas/"
+KIND_TEXT = (
+    "present when the rule has one: 'caution' (a reason to distrust or withhold the estimate) or "
+    "'context' (information that frames it); other values may appear and are to be shown as they are"
+)
+GUARDRAILS_TENSOR = (
+    "'guardrails', BYTES [N]: per patient a UTF-8 JSON array of GuardrailFlag (id, status, message, "
+    "kind), the same list as REST predict's"
+)
 
 # The benefit model's outputs (docs/architecture.md §3). Why spelled out: `benefit` comes from the learner
 # chosen without ground truth (constant, DR-learners, X-learner or T-learner), while the two risks come from
@@ -129,13 +137,26 @@ def _common_schemas() -> dict:
         },
         "GuardrailFlag": {
             "type": "object",
+            "required": ["id", "status", "message"],
             "properties": {
                 "id": {"type": "string"},
                 "status": {"enum": ["fires", "clear", "unknown"]},
                 "message": {"type": "string"},
-                "kind": {"type": "string"},
+                "kind": {"type": "string", "description": KIND_TEXT},
             },
-            "description": "a manifest guardrail rule's outcome",
+            "description": "a manifest guardrail rule's outcome for one patient; every rule of the "
+            "bundle is listed, in manifest order",
+        },
+        "GuardrailRule": {
+            "type": "object",
+            "required": ["id", "message"],
+            "properties": {
+                "id": {"type": "string"},
+                "message": {"type": "string"},
+                "source": {"type": ["string", "null"], "description": "where the caution comes from"},
+                "kind": {"type": "string", "description": KIND_TEXT},
+            },
+            "description": "a guardrail rule shipped in the bundle's manifest",
         },
         "Prediction": {
             "type": "object",
@@ -214,7 +235,7 @@ def _common_schemas() -> dict:
                 "inputs": {"type": "array", "items": {"type": "object"}},
                 "outputs": {"type": "array", "items": {"type": "object"}},
                 "metrics": {"type": "object"},
-                "guardrails": {"type": "array"},
+                "guardrails": {"type": "array", "items": _ref("GuardrailRule")},
             },
         },
         "ModelList": {
@@ -265,7 +286,20 @@ def _common_schemas() -> dict:
             "properties": {
                 "predictions": {
                     "type": "array",
-                    "items": {"type": "object", "additionalProperties": {"type": "number"}},
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": {"type": "number"},
+                        "properties": {
+                            "guardrails": {
+                                "type": "array",
+                                "items": _ref("GuardrailFlag"),
+                                "description": "only for a bundle with guardrails: the same flags as "
+                                "REST predict's",
+                            }
+                        },
+                        "description": "one record per patient, in order: each output under its name "
+                        "(a number)",
+                    },
                 }
             },
         },
@@ -275,9 +309,16 @@ def _common_schemas() -> dict:
             "properties": {
                 "name": {"type": "string"},
                 "shape": {"type": "array", "items": {"type": "integer"}},
-                "datatype": {"type": "string", "enum": ["FP32"]},
+                "datatype": {
+                    "type": "string",
+                    "enum": ["FP32", "BYTES"],
+                    "description": "inputs are FP32; the guardrails output is BYTES",
+                },
                 "parameters": {"type": "object"},
-                "data": num_list,
+                "data": {
+                    "anyOf": [num_list, {"type": "array", "items": {"type": "string"}}],
+                    "description": "row-major values; for BYTES, one string per element",
+                },
             },
         },
         "InferRequest": {
@@ -302,7 +343,12 @@ def _common_schemas() -> dict:
                 "model_name": {"type": "string"},
                 "model_version": {"type": "string"},
                 "id": {"type": "string"},
-                "outputs": {"type": "array", "items": _ref("Tensor")},
+                "outputs": {
+                    "type": "array",
+                    "items": _ref("Tensor"),
+                    "description": "the requested outputs (default: all); for a bundle with guardrails, "
+                    f"infer also gives {GUARDRAILS_TENSOR}",
+                },
                 "parameters": {"type": "object", "description": "explain: the columns of each matrix"},
             },
         },
@@ -313,7 +359,17 @@ def _common_schemas() -> dict:
                 "versions": {"type": "array", "items": {"type": "string"}},
                 "platform": {"type": "string"},
                 "inputs": {"type": "array", "items": _ref("Tensor")},
-                "outputs": {"type": "array", "items": _ref("Tensor")},
+                "outputs": {
+                    "type": "array",
+                    "items": _ref("Tensor"),
+                    "description": "the FP32 outputs, then, for a bundle with guardrails, "
+                    f"{GUARDRAILS_TENSOR}",
+                },
+                "parameters": {
+                    "type": "object",
+                    "description": "input_columns, sha256, model_name, explainer; guardrails_output "
+                    "(the guardrails tensor's format) for a bundle with guardrails",
+                },
             },
         },
         "ServerMetadata": {
@@ -424,7 +480,12 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
                     "required": True,
                     "content": {"application/json": {"schema": _ref("InvocationsRequest")}},
                 },
-                "responses": _resp("InvocationsResponse", "predictions", (400, 401, 413, 415, 422)),
+                "responses": _resp(
+                    "InvocationsResponse",
+                    "one record per patient: the outputs, and the guardrail flags for a bundle with "
+                    "guardrails",
+                    (400, 401, 413, 415, 422),
+                ),
             }
         },
         "/v2": {
@@ -500,10 +561,13 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
         paths[f"/v2/models/{task}/ready"] = {
             "get": {"summary": "OIP model readiness", "responses": _resp(None, "ready", (401, 404), True)}
         }
+        infer_outputs = f"outputs FP32 [N] {m.outputs}" + (
+            f", and {GUARDRAILS_TENSOR}" if m.guardrails else ""
+        )
         paths[f"/v2/models/{task}/infer"] = {
             "post": {
                 "summary": f"OIP inference: FP32 {m.input_name!r} [N, {len(m.encoder.names)}], columns "
-                f"in manifest order: {m.encoder.names}",
+                f"in manifest order: {m.encoder.names}; {infer_outputs}",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("InferRequest")}},

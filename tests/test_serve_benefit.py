@@ -4,9 +4,12 @@ stack import-blocked) on a tiny il1_benefit bundle trained through the CLI, call
 What is checked against masml's own code on the same patients: the four outputs (``predict_frame``), the
 guardrail statuses (``masml.guardrails.evaluate``, the reference evaluator of the manifest's rules,
 including ``outside_overlap``, which reads the graph's ``propensity``), the same numbers through the Open
-Inference Protocol and MLflow's /invocations, the model listing, the 409 of an explain call on a bundle
-without an explainer, and that every text describing ``benefit`` says what it is: the chosen learner's
-estimate, not ``risk_untreated - risk_treated``.
+Inference Protocol and MLflow's /invocations, and the same guardrails there as REST predict gives (issue 4:
+returned with every prediction): a ``guardrails`` record field in /invocations, a BYTES ``guardrails``
+tensor in OIP (tritonclient, binary and JSON), absent for a risk bundle; the model listing with each
+rule's ``kind``, the OpenAPI document of those fields, the 409 of an explain call on a bundle without an
+explainer, and that every text describing ``benefit`` says what it is: the chosen learner's estimate, not
+``risk_untreated - risk_treated``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_serve_support import Server, call, copy_bundle, patients_from_frame, tiny_benefit_bundle
+from test_serve_support import (
+    Server,
+    call,
+    copy_bundle,
+    patients_from_frame,
+    tiny_benefit_bundle,
+    tiny_bundle,
+)
 
 from masml import guardrails
 from masml.encoding import encode_inputs
@@ -196,8 +206,11 @@ def test_oip_infer_and_invocations_give_the_same_numbers(bundle, cohort, scored,
     assert np.isnan(x).any()  # missing values travel as NaN in the binary tensor
     client = th.InferenceServerClient(f"127.0.0.1:{server.port}")
     meta = client.get_model_metadata(TASK)
-    assert [o["name"] for o in meta["outputs"]] == OUTPUTS
+    assert meta["outputs"] == [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS] + [
+        {"name": "guardrails", "datatype": "BYTES", "shape": [-1]}
+    ]
     assert meta["parameters"]["explainer"] is False
+    assert "same list as REST predict" in meta["parameters"]["guardrails_output"]
     inp = th.InferInput("inputs", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
     res = client.infer(TASK, [inp], request_id="benefit-1")
@@ -209,8 +222,8 @@ def test_oip_infer_and_invocations_give_the_same_numbers(bundle, cohort, scored,
     body = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [3, x.shape[1]], "data": nulls}]}
     st, _, resp = call("POST", server.url(f"/v2/models/{TASK}/infer"), body)
     assert st == 200, resp
-    assert [o["name"] for o in resp["outputs"]] == OUTPUTS
-    for o in resp["outputs"]:
+    assert [o["name"] for o in resp["outputs"]] == [*OUTPUTS, "guardrails"]
+    for o in resp["outputs"][:-1]:
         assert np.array_equal(np.array(o["data"], dtype=np.float32), rest[o["name"]][:3]), o["name"]
 
     pts = patients_from_frame(frame.head(30))
@@ -221,10 +234,156 @@ def test_oip_infer_and_invocations_give_the_same_numbers(bundle, cohort, scored,
         for req in (split, records):
             st, _, resp = call("POST", server.url(path), req)
             assert st == 200, resp
-            assert all(list(r) == OUTPUTS for r in resp["predictions"])  # numbers only, no guardrails
+            assert all(list(r) == [*OUTPUTS, "guardrails"] for r in resp["predictions"])
             for name in OUTPUTS:
                 got = np.array([r[name] for r in resp["predictions"]], dtype=np.float32)
                 assert np.array_equal(got, rest[name][:30]), (path, name)
+
+
+def _covers_every_status(flags: list[list[dict]]) -> None:
+    """A comparison of guardrails means something only if every rule both fires and clears in it."""
+    for rule in RULES:
+        seen = {f["status"] for row in flags for f in row if f["id"] == rule}
+        assert {"fires", "clear"} <= seen, (rule, seen)
+
+
+def test_invocations_records_carry_the_rest_guardrails(cohort, scored, server):
+    """Every patient (cohort and hand-made edge rows), both MLflow formats: each record holds the numbers
+    under the same keys as before, plus `guardrails`, equal to REST predict's list for that patient."""
+    frame = cohort[0]
+    body, outs = scored
+    rest = [p["guardrails"] for p in body["predictions"]]
+    _covers_every_status(rest)
+    pts = patients_from_frame(frame)
+    cols = sorted({k for p in pts for k in p} - {"patient_id"})
+    split = {"dataframe_split": {"columns": cols, "data": [[p.get(c) for c in cols] for p in pts]}}
+    records = {"dataframe_records": [{k: v for k, v in p.items() if k != "patient_id"} for p in pts]}
+    for req in (split, records):
+        st, _, resp = call("POST", server.url(f"/invocations?model={TASK}"), req)
+        assert st == 200, resp
+        preds = resp["predictions"]
+        assert len(preds) == len(frame)
+        assert all(list(r) == [*OUTPUTS, "guardrails"] for r in preds)
+        for name in OUTPUTS:  # still plain numbers under their names, as MLflow clients read them
+            assert all(type(r[name]) is float for r in preds), name
+            assert np.array_equal(np.array([r[name] for r in preds]), outs[name]), name
+        assert [r["guardrails"] for r in preds] == rest
+
+
+def test_oip_guardrails_tensor_equals_rest_through_tritonclient(cohort, scored, server, manifest):
+    """BYTES [N], one JSON text per patient, equal to REST predict's guardrails: binary (tritonclient's
+    default), JSON (outputs requested with binary_data=False, and a plain JSON body with nulls), mixed;
+    a client that names outputs gets exactly those, in its order."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    frame = cohort[0]
+    body, outs = scored
+    rest = [p["guardrails"] for p in body["predictions"]]
+    _covers_every_status(rest)
+    x = encode_inputs(frame, [i["name"] for i in manifest["inputs"]])
+    client = th.InferenceServerClient(f"127.0.0.1:{server.port}")
+    inp = th.InferInput("inputs", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+
+    def outputs_of(res) -> list[str]:
+        return [o["name"] for o in res.get_response()["outputs"]]
+
+    # every output, binary: the guardrails arrive as length-prefixed bytes
+    res = client.infer(TASK, [inp])
+    assert outputs_of(res) == [*OUTPUTS, "guardrails"]
+    g = res.as_numpy("guardrails")
+    assert g.shape == (len(frame),) and g.dtype == object and isinstance(g[0], bytes)
+    assert [json.loads(b) for b in g] == rest
+    for name in OUTPUTS:
+        assert np.array_equal(res.as_numpy(name), outs[name].astype(np.float32)), name
+
+    # every output named, as JSON: the guardrails are strings in "data"
+    as_json = [th.InferRequestedOutput(n, binary_data=False) for n in [*OUTPUTS, "guardrails"]]
+    res = client.infer(TASK, [inp], outputs=as_json)
+    tensor = res.get_output("guardrails")
+    assert tensor["datatype"] == "BYTES" and tensor["shape"] == [len(frame)] and "parameters" not in tensor
+    assert all(isinstance(t, str) for t in tensor["data"])
+    assert [json.loads(t) for t in res.as_numpy("guardrails")] == rest
+    for name in OUTPUTS:
+        assert np.array_equal(res.as_numpy(name), outs[name].astype(np.float32)), name
+
+    # named outputs are honoured: without guardrails when not asked for; in the client's order, mixed
+    res = client.infer(TASK, [inp], outputs=[th.InferRequestedOutput("benefit")])
+    assert outputs_of(res) == ["benefit"] and res.as_numpy("guardrails") is None
+    wanted = [th.InferRequestedOutput("guardrails"), th.InferRequestedOutput("propensity", binary_data=False)]
+    res = client.infer(TASK, [inp], outputs=wanted)
+    assert outputs_of(res) == ["guardrails", "propensity"]
+    assert [json.loads(b) for b in res.as_numpy("guardrails")] == rest
+    assert np.array_equal(res.as_numpy("propensity"), outs["propensity"].astype(np.float32))
+    with pytest.raises(InferenceServerException, match="guardrails"):  # the error lists what exists
+        client.infer(TASK, [inp], outputs=[th.InferRequestedOutput("nope")])
+
+    # a plain JSON body (missing values as null), no "outputs": every output in JSON
+    nulls = [[None if np.isnan(v) else float(v) for v in row] for row in x]
+    req = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": list(x.shape), "data": nulls}]}
+    st, _, resp = call("POST", server.url(f"/v2/models/{TASK}/infer"), req)
+    assert st == 200, resp
+    by_name = {o["name"]: o for o in resp["outputs"]}
+    assert list(by_name) == [*OUTPUTS, "guardrails"]
+    assert by_name["guardrails"]["datatype"] == "BYTES" and by_name["guardrails"]["shape"] == [len(frame)]
+    assert [json.loads(t) for t in by_name["guardrails"]["data"]] == rest
+
+
+def test_a_risk_bundle_has_no_guardrails_output(tmp_path_factory, bundle, cohort):
+    """Served beside the benefit bundle, the onset model keeps its plain answers: no guardrails tensor in
+    its OIP metadata or infer answer (asking for one is a 400), /invocations records hold only `risk`."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    risk_models = tiny_bundle(tmp_path_factory)[1]
+    models = tmp_path_factory.mktemp("risk_and_benefit") / "models"
+    copy_bundle(risk_models / "onset", models / "onset")
+    copy_bundle(bundle[1] / TASK, models / TASK)
+    s = Server(models)
+    try:
+        client = th.InferenceServerClient(f"127.0.0.1:{s.port}")
+        meta = client.get_model_metadata("onset")
+        assert meta["outputs"] == [{"name": "risk", "datatype": "FP32", "shape": [-1]}]
+        assert "guardrails_output" not in meta["parameters"]
+        assert [o["name"] for o in client.get_model_metadata(TASK)["outputs"]][-1] == "guardrails"
+        onset = json.loads((risk_models / "onset" / "manifest.json").read_text())
+        x = encode_inputs(cohort[0].head(2), [i["name"] for i in onset["inputs"]])
+        inp = th.InferInput("inputs", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        res = client.infer("onset", [inp])
+        assert [o["name"] for o in res.get_response()["outputs"]] == ["risk"]
+        with pytest.raises(InferenceServerException, match=r"among \['risk'\]"):
+            client.infer("onset", [inp], outputs=[th.InferRequestedOutput("guardrails")])
+        patient = {"age_years": 30, "sex": "M", "trigger": "sjia", "ferritin": 9000}
+        st, _, resp = call("POST", s.url("/invocations?model=onset"), {"dataframe_records": [patient]})
+        assert st == 200 and list(resp["predictions"][0]) == ["risk"], resp
+        st, _, resp = call("POST", s.url(f"/invocations?model={TASK}"), {"dataframe_records": [patient]})
+        assert st == 200 and list(resp["predictions"][0]) == [*OUTPUTS, "guardrails"], resp
+        listed = {m["task"]: m for m in call("GET", s.url("/v1/models"))[2]["models"]}
+        assert listed["onset"]["guardrails"] == [] and len(listed[TASK]["guardrails"]) == len(RULES)
+    finally:
+        s.stop()
+
+
+def test_openapi_documents_guardrails_in_every_protocol(server):
+    spec = call("GET", server.url("/openapi.json"))[2]
+    schemas = spec["components"]["schemas"]
+    record = schemas["InvocationsResponse"]["properties"]["predictions"]["items"]
+    assert record["properties"]["guardrails"]["items"] == {"$ref": "#/components/schemas/GuardrailFlag"}
+    assert record["additionalProperties"] == {"type": "number"}
+    flag = schemas["GuardrailFlag"]
+    assert flag["required"] == ["id", "status", "message"]
+    assert "caution" in flag["properties"]["kind"]["description"]
+    rule = schemas["ModelInfo"]["properties"]["guardrails"]["items"]
+    assert rule == {"$ref": "#/components/schemas/GuardrailRule"}
+    assert {"id", "message", "source", "kind"} <= set(schemas["GuardrailRule"]["properties"])
+    assert "BYTES" in schemas["Tensor"]["properties"]["datatype"]["enum"]
+    assert "'guardrails', BYTES [N]" in schemas["InferResponse"]["properties"]["outputs"]["description"]
+    assert "'guardrails', BYTES [N]" in schemas["ModelMetadata"]["properties"]["outputs"]["description"]
+    infer = spec["paths"][f"/v2/models/{TASK}/infer"]["post"]["summary"]
+    assert "'guardrails', BYTES [N]" in infer and all(o in infer for o in OUTPUTS)
+    assert "guardrail" in spec["paths"]["/invocations"]["post"]["responses"]["200"]["description"]
 
 
 def test_model_list_shows_outputs_and_guardrails(server, manifest):
@@ -234,8 +393,12 @@ def test_model_list_shows_outputs_and_guardrails(server, manifest):
     assert m["task"] == TASK and m["sha256"] == manifest["model_sha256"] and m["explainer"] is None
     assert m["outputs"] == manifest["outputs"] and [o["name"] for o in m["outputs"]] == OUTPUTS
     assert m["guardrails"] == [
-        {"id": r["id"], "message": r["message"], "source": r["source"]} for r in manifest["guardrails"]
+        {"id": r["id"], "message": r["message"], "source": r["source"], "kind": r["kind"]}
+        for r in manifest["guardrails"]
     ]
+    assert {r["kind"] for r in m["guardrails"]} == {"caution", "context"}
+    by_id = {r["id"]: r["kind"] for r in m["guardrails"]}
+    assert by_id["outside_overlap"] == "caution" and by_id["icu_level_severity"] == "context"
     assert call("GET", server.url(f"/v1/models/{TASK}"))[2] == m
     assert "BLOCKED IMPORT" not in server.stderr()
 
