@@ -35,8 +35,31 @@ CARD_FORMAT = 1
 CARD_FILES = ("card.json", "card.html", "card.pdf")
 PERFORMANCE_FIGURES = ("roc", "precision_recall", "calibration", "decision_curve")
 # The metrics ``evaluation.compare`` gives a bootstrap interval (``_lo``/``_hi`` columns): the card prints
-# each as "estimate [lo, hi]". ECE, its floor and its error against the truth have none.
-INTERVAL_METRICS = ("auroc", "auprc", "brier", "calibration_slope", "calibration_intercept", "auroc_diff")
+# each as "estimate [lo, hi]". The ECE's floor and its error against the truth are reference quantities
+# and have none (REFERENCE_NOTE says why).
+INTERVAL_METRICS = ("auroc", "auprc", "brier", "calibration_slope", "calibration_intercept", "auroc_diff",
+                    "ece")  # fmt: skip
+ECE_INTERVAL_NOTE = (
+    "the same bootstrap replicates, shifted by their bias (their mean minus the ECE), because the ECE is "
+    "biased upwards on a test set of this size and a resample adds noise of its own: the interval is the "
+    "range the ECE would take on another test set of this size, not a range for the calibration error of "
+    "the whole population (compare it with the ECE floor, not with 0)"
+)
+REFERENCE_NOTE = (
+    "The ECE floor and the ECE vs truth have no interval: they are reference quantities, not estimates "
+    "from the held-out outcomes. The floor is the ECE a perfectly calibrated model with these predictions "
+    "would show, on average, on this many patients (outcomes simulated from the predictions themselves); "
+    "ECE vs truth compares the predictions with the simulator's true probabilities (synthetic data only), "
+    "which carry almost none of the outcomes' sampling noise."
+)
+TRUTH_NOTE = (
+    "The comparisons with the simulator's ground truth (PEHE, correlation, and deaths per 100 from the true "
+    "death probabilities) have no interval because they are not estimated: they are exact for these "
+    "held-out patients, computed from each patient's true probabilities with no outcome sampled and no "
+    "outcome model involved, so the uncertainty the intervals above express (which outcomes happened to "
+    "occur, what the nuisance models guess) is absent. They exist on synthetic data only, to check the "
+    "doubly robust estimates above against the answer."
+)
 # Proportions at the configured thresholds, each with a Wilson interval from evaluation.threshold_metrics.
 THRESHOLD_RATES = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"),
                    ("npv", "NPV"))  # fmt: skip
@@ -324,7 +347,7 @@ def card_content(
     )  # fmt: skip
     # Every metric of ``evaluation.compare`` that has a bootstrap interval keeps it beside the estimate.
     metric_keys = [k for m in INTERVAL_METRICS for k in (m, f"{m}_lo", f"{m}_hi")]
-    metric_keys += ["ece", "ece_floor", "ece_vs_truth"]
+    metric_keys += ["ece_floor", "ece_vs_truth"]
     card["performance"] = {
         "test_rows": card["data"]["flow"]["test_rows"],
         "comparison": comparison.to_dict(orient="records"),
@@ -333,7 +356,9 @@ def card_content(
         "thresholds": list(report.get("threshold_metrics", [])),
         "intervals": {
             "metrics": "percentile bootstrap stratified by outcome, paired across models "
-            f"({_boot_text(report.get('bootstrap'))}); ECE has no interval (its floor is the yardstick)",
+            f"({_boot_text(report.get('bootstrap'))})",
+            "ece": ECE_INTERVAL_NOTE,
+            "reference": REFERENCE_NOTE,
             "thresholds": "Wilson score interval for each proportion (Wilson 1927, J Am Stat Assoc "
             "22:209-212)",
         },
@@ -393,7 +418,8 @@ def benefit_card_content(
             *manifest.get("assumptions", []),
             f"{overlap['n_outside']} of {overlap['n']} held-out patients lie outside the overlap region "
             f"{overlap['bounds']}: their benefit estimates extrapolate.",
-            "No per-patient uncertainty interval is given for the benefit; the average effect has one.",
+            "No per-patient uncertainty interval is given for the benefit; the average effect, the policy "
+            "values, the share treated and the calibration slope have one.",
         ],
     )  # fmt: skip
     card["benefit"] = {
@@ -405,10 +431,24 @@ def benefit_card_content(
         "overlap": report["overlap"],
         "balance": report["balance"],
         "calibration_slope": report["calibration_slope"],
+        "calibration_slope_ci": report.get("calibration_slope_ci"),
         "calibration_groups": report["calibration_groups"],
         "uplift": report["uplift"],
         "policy_dr_deaths_per_100": report["policy_dr_deaths_per_100"],
+        "policy_dr_deaths_per_100_ci": report.get("policy_dr_deaths_per_100_ci"),
         "truth": report.get("truth"),
+        "intervals": {
+            "average_effect": "influence-function interval of the AIPW mean, estimate +- 1.96 SE",
+            "policies": "each policy's deaths per 100 is the mean of per-patient doubly robust scores: "
+            "influence-function interval, estimate +- 1.96 SE, as for the average effect",
+            "share_treated": "Wilson score interval for a proportion (Wilson 1927, J Am Stat Assoc "
+            "22:209-212)",
+            "calibration_slope": "heteroskedasticity-robust (HC1) influence-function interval of the least-"
+            "squares slope, estimate +- 1.96 SE (best linear predictor, Chernozhukov et al. 2018)",
+            "calibration_groups": "influence-function interval of each group's doubly robust effect",
+            "uplift": f"patient bootstrap, percentile ({config.n_boot} replicates, seed {config.seed})",
+            **({"truth": TRUTH_NOTE} if report.get("truth") else {}),
+        },
         "by_trigger_family": report.get("benefit_by_trigger_family", []),
         "selection": report["selection"],
         "guardrails": manifest.get("guardrails", []),
@@ -592,7 +632,7 @@ def _risk_sections(card: Mapping) -> list[str]:
     probabilities = [r for r in rows if r.get("probabilistic", True)]
     calibration = [("model", "model"), ("rows", "n"), ("brier", "Brier" + ci),
                    ("calibration_slope", "calibration slope" + ci),
-                   ("calibration_intercept", "calibration intercept" + ci), ("ece", "ECE")]  # fmt: skip
+                   ("calibration_intercept", "calibration intercept" + ci), ("ece", "ECE" + ci)]  # fmt: skip
     calibration += _present(probabilities, [("ece_floor", "ECE floor"), ("ece_vs_truth", "ECE vs truth")])
     rates = [("threshold", "threshold")] + [(k, t + ci) for k, t in THRESHOLD_RATES]
     rates.append(("flagged_share", "flagged"))
@@ -605,9 +645,11 @@ def _risk_sections(card: Mapping) -> list[str]:
         "<p>The model beside the logistic-regression baseline, the clinical scores (on the patients each "
         "applies to) and, for simulated data, the ceiling (the true probabilities). Each number is followed "
         "by its 95% CI in brackets, from a stratified bootstrap with every model scored on the same "
-        "resampled patients. The ECE has no interval; the ECE floor beside it is the ECE a perfectly "
-        "calibrated model would show on this many patients, so an ECE near its floor is noise.</p>"
+        "resampled patients. The ECE floor beside the ECE is the ECE a perfectly calibrated model would "
+        "show on this many patients: an ECE whose interval contains its floor cannot be told from noise.</p>"
         + (f"<p class='muted'>Intervals: {_e(intervals['metrics'])}.</p>" if intervals.get("metrics") else "")
+        + (f"<p class='muted'>ECE interval: {_e(intervals['ece'])}.</p>" if intervals.get("ece") else "")
+        + (f"<p class='muted'>{_e(intervals['reference'])}</p>" if intervals.get("reference") else "")
         + "<h3>Discrimination</h3>"
         + _table(rows, discrimination, INTERVAL_METRICS)
         + "<h3>Calibration and accuracy of the probabilities</h3>"
@@ -661,8 +703,19 @@ def _benefit_sections(card: Mapping) -> list[str]:
     figs = "".join(_figure(uri, name.replace("_", " ")) for name, uri in b["figures"].items())
     ov = b["overlap"]
     dr_policy = b["policy_dr_deaths_per_100"]
-    policy = [{"policy": k.replace("_", " "), "deaths_per_100": v} for k, v in dr_policy.items()
-              if k != "share_treated_by_model"]  # fmt: skip
+    dr_ci = b.get("policy_dr_deaths_per_100_ci") or {}  # absent from a card.json made before the intervals
+    policy = [{"policy": k.replace("_", " "), "deaths_per_100": v,
+               "deaths_per_100_lo": (dr_ci.get(k) or {}).get("ci_low"),
+               "deaths_per_100_hi": (dr_ci.get(k) or {}).get("ci_high")}
+              for k, v in dr_policy.items() if k != "share_treated_by_model"]  # fmt: skip
+    share = dr_policy.get("share_treated_by_model")
+    share_ci = dr_ci.get("share_treated_by_model") or {}
+    slope_ci = b.get("calibration_slope_ci") or {}
+    notes = b.get("intervals") or {}
+    note_text = "; ".join(f"{title}: {notes[k]}" for k, title in (
+        ("average_effect", "average effect"), ("policies", "policies"), ("share_treated", "share treated"),
+        ("calibration_slope", "calibration slope"), ("calibration_groups", "calibration groups"),
+        ("uplift", "ranking")) if notes.get(k))  # fmt: skip
     family = b["by_trigger_family"]
     family_cols = [(k, k.replace("_", " ")) for k in (family[0].keys() if family else [])]
     truth = b.get("truth") or {}
@@ -675,7 +728,8 @@ def _benefit_sections(card: Mapping) -> list[str]:
         + _kv([("AIPW average benefit [95% CI]", _ci(ate["estimate"], ate["ci_low"], ate["ci_high"])),
                ("Within the overlap region [95% CI]",
                 _ci(trimmed["estimate"], trimmed["ci_low"], trimmed["ci_high"])),
-               ("Calibration slope of predicted benefit", b["calibration_slope"])])
+               ("Calibration slope of predicted benefit [95% CI]",
+                _ci(b["calibration_slope"], slope_ci.get("ci_low"), slope_ci.get("ci_high")))])
         + "<h3>Overlap and balance</h3>"
         + _kv([("Overlap bounds (propensity)", ov["test"]["bounds"]),
                ("Held-out patients outside", f"{ov['test']['n_outside']} of {ov['test']['n']}"),
@@ -691,14 +745,17 @@ def _benefit_sections(card: Mapping) -> list[str]:
         + _table(uplift, [("metric", "metric"), ("estimate", "estimate"), ("ci_low", "lo"),
                           ("ci_high", "hi")])
         + "<h3>Policies: deaths per 100 patients (doubly robust estimate)</h3>"
-        + _table(policy, [("policy", "policy"), ("deaths_per_100", "deaths per 100")])
-        + _kv([("Share of held-out patients the model would treat (predicted benefit > 0)",
-                dr_policy.get("share_treated_by_model"))])
+        + _table(policy, [("policy", "policy"), ("deaths_per_100", "deaths per 100 [95% CI]")],
+                 ("deaths_per_100",))
+        + _kv([("Share of held-out patients the model would treat (predicted benefit > 0) [95% CI]",
+                _ci(share, share_ci.get("ci_low"), share_ci.get("ci_high")))])
+        + (f"<p class='muted'>95% CIs: {_e(note_text)}.</p>" if note_text else "")
         + (_kv([("PEHE (vs truth)", truth.get("pehe")), ("PEHE ratio vs constant", truth.get("pehe_ratio")),
                 ("Correlation with true benefit", truth.get("correlation"))])
            + _table([{"policy": k.replace("_", " "), "deaths_per_100": v}
                      for k, v in truth.get("deaths_per_100", {}).items()],
                     [("policy", "policy (true outcomes)"), ("deaths_per_100", "deaths per 100")])
+           + (f"<p class='muted'>{_e(notes['truth'])}</p>" if notes.get("truth") else "")
            if truth else "")
         + "<h3>By trigger family</h3>"
         + _table(family, family_cols)

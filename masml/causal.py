@@ -44,6 +44,7 @@ import pandas as pd
 
 from masml import features
 from masml.config import Config
+from masml.evaluation import wilson_interval
 from masml.schema import TRIGGERS
 from masml.scores import HBD_BILIRUBIN_MG_DL, HBD_DIC_INR, HBD_DIC_PLATELETS, HBD_TRANSAMINASE, MALS_FERRITIN
 from masml.training import NTHREAD, TrainedRiskModel, TrainingDataError, _binary, cv_folds, tune_and_fit
@@ -525,10 +526,39 @@ def calibration_by_group(tau: np.ndarray, phi: np.ndarray, groups: int = 5) -> p
 def calibration_slope(tau: np.ndarray, phi: np.ndarray) -> float:
     """Slope of phi on centred predicted benefit (the BLP heterogeneity coefficient of Chernozhukov et
     al., "Generic machine learning inference on heterogeneous treatment effects", 2018): 1 = well
-    calibrated spread, 0 = no detectable heterogeneity."""
+    calibrated spread, 0 = no detectable heterogeneity. NaN when predicted benefit does not vary (the
+    constant learner): its centred values are then rounding noise (the mean of n equal floats need not
+    equal them exactly), and a slope on them would be a meaningless number."""
+    tau = np.asarray(tau, dtype=np.float64)
+    if tau.size == 0 or np.ptp(tau) <= 1e-12 * max(1.0, float(np.max(np.abs(tau)))):
+        return np.nan
     c = tau - tau.mean()
     denom = float(np.sum(c * c))
     return float(np.sum(c * (phi - phi.mean())) / denom) if denom > 0 else np.nan
+
+
+def calibration_slope_ci(tau: np.ndarray, phi: np.ndarray) -> dict[str, float]:
+    """:func:`calibration_slope` with its influence-function (heteroskedasticity-robust) 95 % CI.
+
+    Why this interval: the slope is an ordinary least-squares coefficient of the held-out DR scores on
+    centred predicted benefit, so, like the AIPW mean (:func:`aipw`), it is a smooth function of
+    per-patient averages and has an influence function, psi_i = c_i (phi_i - mean phi - slope c_i) /
+    mean(c^2); its variance estimate is the HC1 sandwich, sum(psi^2) / (n (n - 2)) (the robust standard
+    error Chernozhukov et al. use for this coefficient). The held-out patients played no part in
+    fitting the model or its nuisances, so predicted benefit is a fixed function of x here. NaN (with
+    no interval) when predicted benefit does not vary (the constant learner).
+    """
+    tau, phi = np.asarray(tau, dtype=np.float64), np.asarray(phi, dtype=np.float64)
+    n = len(tau)
+    est = calibration_slope(tau, phi)
+    nan = float("nan")
+    out = {"estimate": est, "se": nan, "ci_low": nan, "ci_high": nan, "n": int(n)}
+    if not np.isfinite(est) or n < 3:
+        return out
+    c = tau - tau.mean()
+    psi = c * (phi - phi.mean() - est * c) / np.mean(c * c)
+    se = float(np.sqrt(np.sum(psi * psi) / (n * (n - 2))))
+    return {**out, "se": se, "ci_low": est - 1.96 * se, "ci_high": est + 1.96 * se}
 
 
 def toc_curve(tau: np.ndarray, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -583,18 +613,52 @@ def benefit_by_group(tau: np.ndarray, phi: np.ndarray, group: np.ndarray, truth=
     return pd.DataFrame(rows)
 
 
+def _dr_potential_outcomes(y, t, r0, r1, e, bounds) -> tuple[np.ndarray, np.ndarray]:
+    """Per patient, doubly robust scores of death if treated (y1) and if untreated (y0)."""
+    ec = np.clip(e, *bounds)
+    return r1 + t * (y - r1) / ec, r0 + (1 - t) * (y - r0) / (1 - ec)
+
+
 def policy_value_dr(tau: np.ndarray, y: np.ndarray, t: np.ndarray, r0, r1, e, bounds) -> dict[str, float]:
     """Deaths per 100 patients under "treat if predicted benefit > 0", treat-all and treat-none,
     estimated without ground truth (doubly robust potential-outcome scores)."""
-    ec = np.clip(e, *bounds)
-    y1 = r1 + t * (y - r1) / ec
-    y0 = r0 + (1 - t) * (y - r0) / (1 - ec)
+    y1, y0 = _dr_potential_outcomes(y, t, r0, r1, e, bounds)
     d = tau > 0
     return {
         "model": float(100 * np.mean(np.where(d, y1, y0))),
         "treat_all": float(100 * np.mean(y1)),
         "treat_none": float(100 * np.mean(y0)),
         "share_treated_by_model": float(np.mean(d)),
+    }
+
+
+def policy_value_dr_ci(tau: np.ndarray, y: np.ndarray, t: np.ndarray, r0, r1, e, bounds) -> dict[str, dict]:
+    """:func:`policy_value_dr`'s numbers, same keys, each with its 95 % CI.
+
+    * ``model``, ``treat_all``, ``treat_none`` (deaths per 100): each is the mean of a per-patient
+      doubly robust score (100 x y1, 100 x y0, or whichever the policy picks), exactly as the AIPW
+      average effect is the mean of phi, so each gets :func:`aipw`'s influence-function interval
+      (estimate +- 1.96 SD / sqrt(n)): ``{"estimate", "se", "ci_low", "ci_high", "n"}``. The policy
+      (predicted benefit > 0) is fixed: the model never saw the held-out patients.
+    * ``share_treated_by_model``: the proportion of held-out patients with predicted benefit > 0, a
+      binomial proportion, so the Wilson score interval (:func:`masml.evaluation.wilson_interval`), as
+      for the risk models' sensitivities: ``{"estimate", "treated", "n", "ci_low", "ci_high"}``.
+    """
+    y1, y0 = _dr_potential_outcomes(y, t, r0, r1, e, bounds)
+    d = np.asarray(tau) > 0
+    treated, n = int(d.sum()), int(len(d))
+    lo, hi = wilson_interval(treated, n) if n else (float("nan"), float("nan"))
+    return {
+        "model": aipw(100 * np.where(d, y1, y0)),
+        "treat_all": aipw(100 * y1),
+        "treat_none": aipw(100 * y0),
+        "share_treated_by_model": {
+            "estimate": float(np.mean(d)) if n else float("nan"),
+            "treated": treated,
+            "n": n,
+            "ci_low": float(lo),
+            "ci_high": float(hi),
+        },
     }
 
 

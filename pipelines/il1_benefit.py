@@ -191,6 +191,12 @@ def run_il1_benefit_pipeline(
             "losses": selection.losses.to_dict(orient="records"),
         },
         "arms": arms,
+        # 95% CIs beside the numbers above (added keys; the ones above keep their shape): influence-function
+        # intervals like the AIPW effect's, Wilson for the share treated (masml/causal.py says why).
+        "calibration_slope_ci": causal.calibration_slope_ci(tau, phi),
+        "policy_dr_deaths_per_100_ci": causal.policy_value_dr_ci(
+            tau, y_test, t_test, r0, r1, e, config.overlap
+        ),
     }
     truth = _truth_for(data_path, pop)
     family = test["trigger"].map(TRIGGER_FAMILY).to_numpy()
@@ -251,6 +257,8 @@ def run_il1_benefit_pipeline(
             "autoc": report["uplift"]["autoc"],
             "qini": report["uplift"]["qini"],
             "policy_dr_deaths_per_100": report["policy_dr_deaths_per_100"],
+            "calibration_slope_ci": report["calibration_slope_ci"],
+            "policy_dr_deaths_per_100_ci": report["policy_dr_deaths_per_100_ci"],
             "patients_outside_overlap": overlap_test["n_outside"],
             "guardrails_fired_test": fired,
             "benefit_by_trigger_family": report["benefit_by_trigger_family"],

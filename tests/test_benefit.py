@@ -7,6 +7,7 @@ cohort (see the README). What is checked is behaviour that could break.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from statsmodels.stats.proportion import proportion_confint
 from test_card_support import (
     assert_not_blank,
     by,
@@ -36,7 +38,7 @@ from masml.encoding import encode_inputs
 from masml.io import load_dataset
 from masml.schema import TRIGGER_FAMILY, TRIGGERS
 from masml.training import TrainingDataError
-from pipelines.il1_benefit import run_il1_benefit_pipeline
+from pipelines.il1_benefit import _finite, run_il1_benefit_pipeline
 
 MASML = str(Path(sys.executable).with_name("masml"))
 TINY = "tuning:\n  n_trials: 2\n  max_rounds: 120\nn_boot: 100\nfolds: 3\n"
@@ -129,6 +131,46 @@ def test_uplift_metrics_reward_a_correct_ranking_and_not_a_reversed_one():
     assert list(groups["group"]) == [1, 2, 3, 4, 5]
     assert groups["observed"].iloc[-1] > groups["observed"].iloc[0]
     assert 0.7 < causal.calibration_slope(r0 - r1, phi) < 1.3
+
+
+def test_policy_value_and_calibration_slope_intervals():
+    """Policy values: means of doubly robust scores with aipw's influence-function interval; share
+    treated: Wilson (statsmodels); calibration slope: the HC1 robust interval of least squares
+    (statsmodels), covering the true slope of 1 when the nuisances are right."""
+    import statsmodels.api as sm
+    from statsmodels.stats.proportion import proportion_confint
+
+    x, e, r0, r1, t, y = _known_effect(20_000)
+    bounds = (0.1, 0.9)
+    tau = r0 - r1 - 0.1  # treat where the benefit exceeds 0.1: some patients, not all
+    point = causal.policy_value_dr(tau, y, t, r0, r1, e, bounds)
+    ci = causal.policy_value_dr_ci(tau, y, t, r0, r1, e, bounds)
+    assert set(ci) == set(point)  # the same keys, each with its interval
+    ec = np.clip(e, *bounds)
+    y1, y0 = r1 + t * (y - r1) / ec, r0 + (1 - t) * (y - r0) / (1 - ec)
+    d = tau > 0
+    assert 0.2 < d.mean() < 0.8
+    for name, scores, true in (("model", np.where(d, y1, y0), np.where(d, r1, r0)),
+                               ("treat_all", y1, r1), ("treat_none", y0, r0)):  # fmt: skip
+        s, half = 100 * scores, 1.96 * 100 * scores.std(ddof=1) / np.sqrt(len(scores))
+        assert ci[name]["estimate"] == pytest.approx(point[name])
+        assert (ci[name]["ci_low"], ci[name]["ci_high"]) == pytest.approx((s.mean() - half, s.mean() + half))
+        assert ci[name]["ci_low"] < 100 * true.mean() < ci[name]["ci_high"], name
+    share = ci["share_treated_by_model"]
+    assert share["estimate"] == pytest.approx(point["share_treated_by_model"])
+    assert (share["treated"], share["n"]) == (int(d.sum()), len(d))
+    lo, hi = proportion_confint(int(d.sum()), len(d), alpha=0.05, method="wilson")
+    assert (share["ci_low"], share["ci_high"]) == pytest.approx((lo, hi))
+
+    phi = causal.pseudo_outcome(y, t, r0, r1, e, bounds)
+    slope = causal.calibration_slope_ci(r0 - r1, phi)
+    fit = sm.OLS(phi, sm.add_constant(r0 - r1)).fit(cov_type="HC1")
+    assert slope["estimate"] == causal.calibration_slope(r0 - r1, phi)
+    assert slope["estimate"] == pytest.approx(fit.params[1])
+    assert slope["se"] == pytest.approx(fit.bse[1])
+    assert slope["ci_low"] < 1 < slope["ci_high"]
+    flat = causal.calibration_slope_ci(np.full(100, 0.05), phi[:100])  # the constant learner: no slope
+    assert np.isnan(flat["estimate"]) and np.isnan(flat["ci_low"]) and np.isnan(flat["ci_high"])
 
 
 def test_truth_metrics_rate_the_constant_at_one_and_the_truth_at_zero():
@@ -374,24 +416,67 @@ def test_benefit_card_numbers_are_the_runs_report(run, workspace):
         ), name
         assert saved["benefit"]["uplift"][name] == pytest.approx(value)
     dr = report["policy_dr_deaths_per_100"]
-    policies = {r["policy"]: r["deaths per 100"] for r in table(page, "benefit", "policy")}
-    assert policies == {k.replace("_", " "): fmt(float(dr[k])) for k in ("model", "treat_all", "treat_none")}
+    assert set(report["policy_dr_deaths_per_100_ci"]) == set(dr)
+    slope_ci = _finite(report["calibration_slope_ci"])  # strict JSON there: an undefined slope is null
+    for where in (run.manifest["metrics"], saved["benefit"]):  # in the manifest and the card too
+        assert where["calibration_slope_ci"] == pytest.approx(slope_ci)
+        for name, ci in report["policy_dr_deaths_per_100_ci"].items():
+            assert where["policy_dr_deaths_per_100_ci"][name] == pytest.approx(ci), name
+    # Recomputed from the run's held-out predictions, outcomes and treatments, without masml.causal:
+    # doubly robust scores of death if treated (y1) and if untreated (y0), estimate +- 1.96 SD / sqrt(n).
+    config = load_config(workspace["config"], "il1_benefit")
+    test, pred = run.extra["test"], run.extra["prediction"]
+    y, t = test[config.label].to_numpy(float), test[causal.TREATMENT].to_numpy(float)
+    ec = np.clip(pred["propensity"], *config.overlap)
+    y1 = pred["risk_treated"] + t * (y - pred["risk_treated"]) / ec
+    y0 = pred["risk_untreated"] + (1 - t) * (y - pred["risk_untreated"]) / (1 - ec)
+    treat = pred["benefit"] > 0  # the model's policy: treat if predicted benefit > 0
+    expected = {}
+    for name, scores in (("model", np.where(treat, y1, y0)), ("treat_all", y1), ("treat_none", y0)):
+        s = 100 * scores
+        half = 1.96 * s.std(ddof=1) / np.sqrt(len(s))
+        assert dr[name] == pytest.approx(s.mean()), name
+        expected[name.replace("_", " ")] = interval(dr[name], s.mean() - half, s.mean() + half)
+    policies = {r["policy"]: r["deaths per 100 [95% CI]"] for r in table(page, "benefit", "policy")}
+    assert policies == expected
+    assert all("[" in v for v in policies.values())
     facts = pairs(page, "benefit")
-    share = float(np.mean(run.extra["prediction"]["benefit"] > 0))  # the model's policy: treat if benefit > 0
+    share = float(np.mean(treat))
     assert dr["share_treated_by_model"] == pytest.approx(share)
-    assert facts["Share of held-out patients the model would treat (predicted benefit > 0)"] == fmt(share)
+    lo, hi = proportion_confint(int(treat.sum()), len(treat), alpha=0.05, method="wilson")
+    assert facts["Share of held-out patients the model would treat (predicted benefit > 0) [95% CI]"] == (
+        interval(share, lo, hi)
+    )
+    # Calibration slope (BLP): least squares of the DR score (y0 - y1) on predicted benefit, HC1 robust SE.
+    phi = y0 - y1
+    np.testing.assert_allclose(phi, run.extra["phi_test"], rtol=0, atol=1e-12)
+    slope_shown = facts["Calibration slope of predicted benefit [95% CI]"]
+    if np.ptp(pred["benefit"]) > 0:
+        import statsmodels.api as sm
+
+        fit = sm.OLS(phi, sm.add_constant(pred["benefit"])).fit(cov_type="HC1")
+        b, se = float(fit.params[1]), float(fit.bse[1])
+        assert report["calibration_slope"] == pytest.approx(b)
+        assert slope_shown == interval(b, b - 1.96 * se, b + 1.96 * se) and "[" in slope_shown
+    else:  # the constant learner: no spread of predicted benefit, so no slope
+        assert report["calibration_slope"] is None or np.isnan(report["calibration_slope"])
+        assert slope_shown == "–"
+    # The ground-truth policy values are exact for these patients, not estimates: no interval, and the
+    # card says why.
     true_policies = {r["policy (true outcomes)"]: r["deaths per 100"]
                      for r in table(page, "benefit", "policy (true outcomes)")}  # fmt: skip
     truth = report["truth"]["deaths_per_100"]
     assert true_policies == {k.replace("_", " "): fmt(float(v)) for k, v in truth.items()}
-    assert facts["Calibration slope of predicted benefit"] == fmt(float(report["calibration_slope"]))
+    notes = saved["benefit"]["intervals"]
+    assert "no interval because they are not estimated" in notes["truth"]
+    assert f"{config.n_boot} replicates, seed {config.seed}" in notes["uplift"]
+    for note in (notes["truth"], notes["policies"], notes["share_treated"], notes["calibration_slope"]):
+        assert html.escape(note) in page
     for title, key in (("AIPW average benefit [95% CI]", "ate_aipw"),
                        ("Within the overlap region [95% CI]", "ate_aipw_trimmed")):  # fmt: skip
         ate = report[key]
         assert facts[title] == interval(ate["estimate"], ate["ci_low"], ate["ci_high"]), title
     # the held-out data the card describes is the frame the run evaluated on
-    test = run.extra["test"]
-    config = load_config(workspace["config"], "il1_benefit")
     described = saved["data"]["evaluation"]
     assert described["rows"] == len(test) == run.manifest["training_data"]["test_rows"]
     families = test["trigger"].astype(str).map(lambda t: TRIGGER_FAMILY.get(t, "missing"))

@@ -10,6 +10,7 @@ the held-out risks and the SHAP importance table are what the card claims to rep
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from types import SimpleNamespace
@@ -202,10 +203,12 @@ def test_performance_tables_print_every_interval_of_the_runs_comparison(card_fil
             continue
         shown = calibration[name]
         for metric, title in (("brier", "Brier"), ("calibration_slope", "calibration slope"),
-                              ("calibration_intercept", "calibration intercept")):  # fmt: skip
+                              ("calibration_intercept", "calibration intercept"),
+                              ("ece", "ECE")):  # fmt: skip
             assert np.isfinite(row[f"{metric}_lo"]) and "[" in shown[title + CI], (name, metric)
             assert shown[title + CI] == interval(row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"])
-        for metric, title in (("ece", "ECE"), ("ece_floor", "ECE floor"), ("ece_vs_truth", "ECE vs truth")):
+        # reference quantities: printed bare (the card's note on intervals says why)
+        for metric, title in (("ece_floor", "ECE floor"), ("ece_vs_truth", "ECE vs truth")):
             assert shown[title] == fmt(float(row[metric])), (name, metric)
     assert set(calibration) == {"model", "logistic_baseline", "ceiling"}
     # card.json keeps every interval of the model's row, and the whole comparison
@@ -236,6 +239,36 @@ def test_calibration_intercept_and_summary_carry_their_intervals(card_files, pag
     assert summary["AUROC" + CI] == interval(model["auroc"], model["auroc_lo"], model["auroc_hi"])
     calibration = by(table(page, "performance", "Brier" + CI), "model")
     assert calibration["model"]["calibration intercept" + CI] == expected
+
+
+def test_ece_interval_is_the_runs_bootstrap_and_its_reference_quantities_are_explained(card_run, page, saved):
+    """The model's ECE interval, recomputed from the run's held-out labels and risks with the run's
+    replicates and seed, is the one in the comparison, the manifest, card.json and the page; the ECE
+    floor and ECE vs truth have none, and the card's note on intervals says they are references."""
+    from masml import evaluation
+
+    config, result = card_run.config, card_run.result
+    y = result.extra["y_test"]
+    _, risk = result.extra["curves"]["model"]
+    est, lo, hi = evaluation.bootstrap_ci(y, risk, {"ece": evaluation.ece}, n_boot=config.n_boot,
+                                          seed=config.seed)["ece"]  # fmt: skip
+    assert 0 <= lo <= est <= hi
+    model = result.comparison.set_index("model").loc["model"]
+    assert (model["ece"], model["ece_lo"], model["ece_hi"]) == pytest.approx((est, lo, hi))
+    metrics = result.manifest["metrics"]
+    assert (metrics["ece"], metrics["ece_lo"], metrics["ece_hi"]) == pytest.approx((est, lo, hi))
+    assert metrics["ece_floor"] == pytest.approx(model["ece_floor"])  # existing keys unchanged
+    shown = saved["performance"]["model"]
+    assert (shown["ece"], shown["ece_lo"], shown["ece_hi"]) == pytest.approx((est, lo, hi))
+    calibration = by(table(page, "performance", "Brier" + CI), "model")
+    assert calibration["model"]["ECE" + CI] == interval(est, lo, hi)
+    assert "[" not in calibration["model"]["ECE floor"] and "[" not in calibration["model"]["ECE vs truth"]
+    notes = saved["performance"]["intervals"]
+    assert "reference quantities" in notes["reference"] and "ECE vs truth" in notes["reference"]
+    assert "ECE floor" in notes["reference"] and "shifted by their bias" in notes["ece"]
+    for note in (notes["reference"], notes["ece"]):
+        assert html.escape(note) in page
+    assert "ECE has no interval" not in page
 
 
 def test_threshold_rows_are_recounted_from_the_held_out_risks_with_wilson_intervals(card_run, page, saved):

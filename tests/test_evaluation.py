@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -298,6 +299,61 @@ def test_bootstrap_is_stratified_so_rare_events_never_vanish():
     assert all(math.isfinite(v) for v in ci["auroc"])
 
 
+def test_ece_bootstrap_kernel_is_ece_of_each_resample():
+    """The vectorised ECE re-cuts its quantile bins on every replicate: it equals ece() of each resample,
+    with tied predictions and with other bin counts (passed as functools.partial, as compare does)."""
+    y, p = _draw(700, seed=13)
+    y = y.astype(float)
+    for preds, bins in ((p, 10), (np.round(p, 2), 10), (p, 7)):
+        fast_fn = ev.ece if bins == 10 else partial(ev.ece, bins=bins)
+        fast = ev._replicates(y, {"m": preds}, {"ece": fast_fn}, 40, 5)[("m", "ece")]
+        slow_fn = lambda a, b, k=bins: ev.ece(a, b, k)  # noqa: E731  (wrapped: defeats the kernel)
+        slow = ev._replicates(y, {"m": preds}, {"ece": slow_fn}, 40, 5)[("m", "ece")]
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+        est = ev.ece(y, preds, bins)
+        assert ev.bootstrap_ci(y, preds, {"ece": fast_fn}, n_boot=40, seed=5)["ece"] == pytest.approx(
+            (est, *ev.ece_interval(slow, est))
+        )
+
+
+def test_ece_interval_contains_the_ece_narrows_with_more_rows_and_repeats_with_its_seed():
+    # Calibrated models, where the ECE's upward bias matters most: the plain percentile interval of the
+    # replicates misses the ECE itself on some of these test sets; the shifted one contains it on all.
+    missed = 0
+    for seed in range(20, 26):
+        y, p = _draw(1500, seed)
+        row = ev.compare(y, {"model": p}, n_boot=200, seed=0).loc["model"]
+        assert 0 <= row["ece_lo"] <= row["ece"] <= row["ece_hi"], seed
+        reps = ev._replicates(y.astype(float), {"m": p}, {"ece": ev.ece}, 200, 0)[("m", "ece")]
+        lo, hi = np.quantile(reps, [0.025, 0.975])
+        missed += not lo <= row["ece"] <= hi
+    assert missed >= 1
+
+    widths = []
+    for n, seed in ((600, 1), (6000, 2)):
+        y, p = _draw(n, seed)
+        row = ev.compare(y, {"model": p}, n_boot=200, seed=0).loc["model"]
+        assert row["ece_lo"] <= row["ece"] <= row["ece_hi"]
+        widths.append(row["ece_hi"] - row["ece_lo"])
+    assert widths[1] < 0.6 * widths[0]  # ten times the patients: about a third of the width
+
+    y, p = _draw(2000, seed=4)
+    worse = expit(logit(p) + 0.8)  # over-estimates risk: an ECE well above what noise explains
+    preds = {"model": p, "worse": worse, "points": np.round(10 * logit(p)) + 50}
+    table = ev.compare(y, preds, n_boot=200, seed=3)
+    assert list(table.columns[-2:]) == ["ece_lo", "ece_hi"]  # appended: earlier columns keep their order
+    assert table.loc["worse", "ece_lo"] > ev.ece_if_calibrated(worse)  # credibly above its noise floor
+    assert table.loc["points", ["ece", "ece_lo", "ece_hi"]].isna().all()  # a score has no ECE
+    again = ev.compare(y, preds, n_boot=200, seed=3)
+    assert again[["ece_lo", "ece_hi"]].equals(table[["ece_lo", "ece_hi"]])
+    other = ev.compare(y, preds, n_boot=200, seed=4)
+    assert other.loc["model", "ece_lo"] != table.loc["model", "ece_lo"]
+    # Same seed and patients: evaluate's interval is compare's.
+    report = ev.evaluate(y, p, n_boot=200, seed=3)
+    expected = tuple(table.loc["model", ["ece_lo", "ece_hi"]])
+    assert (report["ece_lo"], report["ece_hi"]) == pytest.approx(expected)
+
+
 # ------------------------------------------------------------------------------------ reports
 
 
@@ -315,6 +371,7 @@ def test_evaluate_is_json_serialisable_and_complete():
     assert [r["threshold"] for r in report["threshold_metrics"]] == list(ev.DEFAULT_THRESHOLDS)
     assert len(report["net_benefit"]) == len(ev.DEFAULT_NB_THRESHOLDS)
     assert report["warnings"] == []
+    assert 0 <= report["ece_lo"] <= report["ece"] <= report["ece_hi"]  # beside ece, which stays a number
     # An undefined metric becomes null, with a warning, and the report is still strict JSON.
     single = ev.evaluate(np.zeros(200), p[:200], n_boot=50)
     json.dumps(single, allow_nan=False)
