@@ -191,8 +191,8 @@ def merge_descriptions(parts: Sequence[dict]) -> dict:
         return [{"level": k, "n": v, "share": v / rows} for k, v in ordered]
 
     steps = np.zeros(max((len(p["age_steps"]) for p in parts), default=0), dtype=np.int64)
-    for p in parts:
-        steps[: len(p["age_steps"])] += p["age_steps"]
+    for p in parts:  # a partition with no rows has no steps
+        steps[: len(p["age_steps"])] += np.asarray(p["age_steps"], dtype=np.int64)
     cum = np.cumsum(steps)
     n_age = int(cum[-1]) if len(cum) else 0
     median = None

@@ -81,6 +81,22 @@ def test_partitions_validate_like_one_file(client, cohort, tmp_path):
     pd.testing.assert_frame_equal(whole, expected.reset_index(drop=True), check_dtype=False)
 
 
+def test_partition_descriptions_merge_into_the_whole_even_with_an_empty_partition(cohort):
+    from masml.card import data_description, description_counts, merge_descriptions
+
+    frame = validate(cohort.data, require_labels=("mas_onset",))
+    inputs, parts = ["ferritin", "platelets", "esr"], [frame.iloc[:1200], frame.iloc[:0], frame.iloc[1200:]]
+    merged = merge_descriptions([description_counts(p, inputs, "mas_onset") for p in parts])
+    whole = data_description(frame, inputs, "mas_onset")
+    assert merged["age_median"] == pytest.approx(whole.pop("age_median"), abs=0.05)  # 0.1-year steps
+    merged.pop("age_median")
+    assert merged.keys() == whole.keys()
+    for key in ("rows", "events", "prevalence", "missingness"):
+        assert merged[key] == pytest.approx(whole[key])
+    for key in ("trigger", "trigger_family", "age_band", "sex"):
+        assert sorted(merged[key], key=lambda r: r["level"]) == sorted(whole[key], key=lambda r: r["level"])
+
+
 def test_local_units_are_converted_on_the_workers_as_on_one_process(client, cohort, tmp_path):
     local = cohort.data.copy()
     local["fibrinogen"] = local["fibrinogen"] / 100.0  # mg/dL -> g/L, as a laboratory would report it
