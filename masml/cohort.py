@@ -882,6 +882,10 @@ def simulate(
     return Cohort(data=data, truth=truth, seed=seed, params=params)
 
 
+# The ground-truth column that is the ceiling of each risk model's label (the Bayes-optimal probability).
+TRUTH_COLUMN = {"mas_onset": "true_p_mas_onset", "icu_admission": "true_p_icu_admission"}
+
+
 def truth_path_for(path: str | Path) -> Path:
     """Where a cohort's ground truth is written: beside the data, ``NAME.truth.EXT``."""
     path = Path(path)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from masml import card, evaluation, explain, onnx_export, plots, scores, shap_export, tracking
 from masml.bundle import data_fingerprint, write_bundle
-from masml.cohort import truth_path_for
+from masml.cohort import TRUTH_COLUMN, truth_path_for
 from masml.config import Config, load_config
 from masml.encoding import encode_inputs, input_spec
 from masml.io import load_dataset, read_table
@@ -32,7 +32,6 @@ from masml.training import (
     tune_and_fit,
 )
 
-TRUTH_COLUMN = {"mas_onset": "true_p_mas_onset", "icu_admission": "true_p_icu_admission"}
 LABEL_DEFINITION = {
     "mas_onset": ("MAS present or developing within 7 days of the snapshot", "7 days"),
     "icu_admission": ("ICU admission within 7 days; defined for MAS patients", "7 days"),

@@ -285,6 +285,25 @@ def test_a_bad_partition_stops_cluster_training_with_the_file_and_row(cluster_co
     assert not (tmp_path / "b").exists()
 
 
+def test_ground_truth_laid_out_unlike_the_data_is_refused_before_training(client, tmp_path):
+    from masml.distributed.train import train_on_cluster
+    from masml.training import TrainingDataError
+    from pipelines.risk import held_out_columns
+
+    c = simulate(1500, seed=8)
+    write_cohort(c, tmp_path / "cohort", partitions=3)
+    for old in (tmp_path / "cohort.truth").iterdir():
+        old.unlink()
+    write_cohort(c, tmp_path / "elsewhere", partitions=2)  # truth in 2 files, data in 3
+    for f in (tmp_path / "elsewhere.truth").iterdir():
+        f.rename(tmp_path / "cohort.truth" / f.name)
+    config = config_from_dict({"tuning": {"n_trials": 1}}, "onset")
+    logged: list[str] = []
+    with pytest.raises(TrainingDataError, match="not laid out like the data"):
+        train_on_cluster(client, tmp_path / "cohort", None, config, held_out_columns, log=logged.append)
+    assert not any("trial" in m for m in logged)  # refused before any training
+
+
 def test_training_fails_clearly_instead_of_hanging_when_a_worker_dies(cluster_cohort):
     from masml.distributed.train import train_on_cluster
     from pipelines.risk import held_out_columns

@@ -206,10 +206,6 @@ def _empty_like(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[:0]
 
 
-def _ids_of(frame: pd.DataFrame) -> np.ndarray:
-    return frame["patient_id"].to_numpy(dtype=object)
-
-
 def _rows_with(frame: pd.DataFrame, ids: frozenset) -> list[tuple[int, str]]:
     hit = frame["patient_id"].isin(ids).to_numpy()
     return [(int(r) + 1, str(v)) for r, v in zip(np.flatnonzero(hit), frame["patient_id"][hit], strict=True)]

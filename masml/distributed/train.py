@@ -57,7 +57,6 @@ from masml.training import (
 CHECK_ROWS = 20_000  # held-out input rows brought here for the parity gate, SHAP and champion checks
 BASELINE_ROWS = 100_000  # training rows the logistic baseline is fitted on
 SPLIT_SALT, FOLD_SALT, SAMPLE_SALT = 0, 1, 2
-TRUTH_COLUMN = {"mas_onset": "true_p_mas_onset", "icu_admission": "true_p_icu_admission"}
 
 
 def patient_uniform(ids: np.ndarray, seed: int, salt: int) -> np.ndarray:
@@ -128,14 +127,18 @@ def _held_out(prep: dict, truth: tuple[Piece, str] | None, models: dict, columns
 
 def _truth_pieces(data_path: Path, parts: list[Piece], label: str) -> list[tuple[Piece, str] | None]:
     """The ground truth beside a simulated cohort, piece by piece, when it is laid out like the data."""
-    from masml.cohort import truth_path_for
+    from masml.cohort import TRUTH_COLUMN, truth_path_for
 
     path, column = truth_path_for(data_path), TRUTH_COLUMN.get(label)
     if column is None or not path.exists():
         return [None] * len(parts)
     truth = pieces(path)
     if [p.rows for p in truth] != [p.rows for p in parts]:
-        return [None] * len(parts)
+        raise TrainingDataError(
+            f"the ground truth {path} is not laid out like the data {data_path} (files, row groups and rows "
+            "must match one for one, as `masml cohort --out FOLDER` writes them); move it away to train "
+            "without a ceiling"
+        )
     return [(t, column) for t in truth]
 
 
@@ -160,6 +163,7 @@ def train_on_cluster(client, data_path: str | Path, units, config: Config, held_
     data_path = Path(data_path)
     loaded = load_partitioned(client, data_path, units, require_labels=(config.label,))
     log(f"{config.task}: {loaded.rows:,} rows in {len(loaded.pieces)} partitions validated on the cluster")
+    truth = _truth_pieces(data_path, loaded.pieces, config.label)  # a misplaced truth fails before training
     spec = features.feature_spec(config.inputs, config.score_features)
     names = features.feature_names(spec)
     prepared = client.map(_prepare, loaded.partitions, config=config, spec=spec, names=names, pure=False)
@@ -188,14 +192,16 @@ def train_on_cluster(client, data_path: str | Path, units, config: Config, held_
                                      score_features=config.score_features)  # fmt: skip
     [models] = client.scatter([{"booster": model.booster, "calibrator": model.calibrator,
                                 "baseline": baseline}], broadcast=True)  # fmt: skip
-    truth = _truth_pieces(data_path, loaded.pieces, config.label)
     held_parts = client.gather(client.map(
         _held_out, prepared, truth, models=models, columns=held_out_columns, label=config.label,
         names=names, pure=False))  # fmt: skip
     held = pd.concat(held_parts, ignore_index=True)
-    synthetic = "ceiling" in held.columns and not held["ceiling"].isna().any()
-    if not synthetic:
-        held = held.drop(columns=["ceiling"], errors="ignore")
+    synthetic = any(t is not None for t in truth)  # as on one process: a truth file beside the data
+    if synthetic and ("ceiling" not in held.columns or held["ceiling"].isna().any()):
+        raise TrainingDataError(
+            f"the ground truth beside {data_path} does not hold {config.label}'s true probability for every "
+            "held-out patient, in the data's row order; move it away to train without a ceiling"
+        )
     sample_test = min(1.0, CHECK_ROWS / n_test)
     xs, ys = zip(*client.gather(client.map(_sample, prepared, held_out=True, fraction=sample_test,
                                            pure=False)), strict=True)  # fmt: skip
@@ -204,8 +210,7 @@ def train_on_cluster(client, data_path: str | Path, units, config: Config, held_
     described = client.gather(client.map(_descriptions, prepared, inputs=config.inputs, label=config.label,
                                          pure=False))  # fmt: skip
     digest = hashlib.sha256()
-    columns = client.submit(lambda f: list(map(str, f.columns)), loaded.partitions[0]).result()
-    digest.update("\x1f".join(columns).encode())
+    digest.update("\x1f".join(map(str, loaded.frame.columns)).encode())
     for chunk in client.gather(client.map(_row_hashes, loaded.partitions, pure=False)):
         digest.update(chunk)  # the same bytes, in the same order, as masml.bundle.data_fingerprint
     fingerprint = digest.hexdigest()
