@@ -20,6 +20,9 @@ import pandas as pd
 
 OPS = ("in", "not_in", "<", "<=", ">", ">=", "==")
 FIRES, CLEAR, UNKNOWN = "fires", "clear", "unknown"
+ICU_SEVERITY_FIELDS = (
+    "cns_dysfunction", "hemorrhage", "platelets", "albumin", "mean_arterial_pressure", "lactate"
+)
 
 
 def benefit_guardrails(overlap: Sequence[float]) -> list[dict[str, Any]]:
@@ -76,6 +79,8 @@ def benefit_guardrails(overlap: Sequence[float]) -> list[dict[str, Any]]:
                 "organ failure) and §9 Birndt 2020 (platelets < 20 x10^9/L, albumin < 20 g/L predicted worse "
                 "survival); Assumption: circulatory failure as MAP < 65 mmHg or lactate > 4 mmol/L"
             ),
+            # With none of its six fields measured the rule cannot say "clear": nothing was looked at.
+            "requires_any": list(ICU_SEVERITY_FIELDS),
             "any": [
                 {"field": "cns_dysfunction", "op": "==", "value": 1},
                 {"field": "hemorrhage", "op": "==", "value": 1},
@@ -116,7 +121,8 @@ def _condition(values: pd.Series, op: str, target: Any) -> np.ndarray:
 def evaluate(
     rules: Sequence[Mapping[str, Any]], frame: pd.DataFrame, outputs: Mapping[str, np.ndarray] | None = None
 ) -> pd.DataFrame:
-    """One column per rule id: "fires", "clear" or "unknown" (a field in ``requires`` is missing).
+    """One column per rule id: "fires", "clear" or "unknown" (a field in ``requires`` is missing, or
+    every field in ``requires_any`` is).
 
     ``frame`` holds the inputs in canonical units (categories by label); ``outputs`` the graph's outputs.
     """
@@ -141,12 +147,15 @@ def evaluate(
             stacked = np.vstack(conds)
             fired &= stacked.any(axis=0) if mode == "any" else stacked.all(axis=0)
         unknown = np.zeros(len(frame), bool)
-        for name in rule.get("requires", []):
+        for name in [*rule.get("requires", []), *rule.get("requires_any", [])]:
             if name not in fields:
                 raise KeyError(
                     f"guardrail {rule['id']!r} requires {name!r}, which is neither an input nor an output"
                 )
+        for name in rule.get("requires", []):
             unknown |= _missing(fields[name])
+        if rule.get("requires_any"):
+            unknown |= np.logical_and.reduce([_missing(fields[n]) for n in rule["requires_any"]])
         result[rule["id"]] = np.where(unknown, UNKNOWN, np.where(fired, FIRES, CLEAR))
     return pd.DataFrame(result, index=range(len(frame)))
 

@@ -7,7 +7,8 @@ patient per condition.
 
 Semantics: a rule fires when any (``any``) or every (``all``) of its conditions holds (both lists given:
 both parts must hold). A condition on a missing value is false; a rule that lists ``requires`` reports
-``"unknown"`` for a patient missing any of those fields.
+``"unknown"`` for a patient missing any of those fields, and one that lists ``requires_any`` for a patient
+missing all of them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Rule:
     all: tuple[Condition, ...]
     requires: tuple[str, ...]
     kind: str | None = None
+    requires_any: tuple[str, ...] = ()
 
 
 class Guardrails:
@@ -83,7 +85,8 @@ class Guardrails:
             if not parts["any"] and not parts["all"]:
                 raise ValueError(f"{where}: a rule needs an 'any' or an 'all' list of conditions")
             requires = tuple(r.get("requires") or ())
-            for f in requires:
+            requires_any = tuple(r.get("requires_any") or ())
+            for f in requires + requires_any:
                 if f not in known:
                     raise ValueError(f"{where}: requires unknown field {f!r}")
                 if f not in self.input_index:
@@ -97,6 +100,7 @@ class Guardrails:
                     parts["all"],
                     requires,
                     r.get("kind"),
+                    requires_any,
                 )
             )
 
@@ -145,6 +149,9 @@ class Guardrails:
             unknown = np.zeros(n, dtype=bool)
             for f in rule.requires:
                 unknown |= np.isnan(self._column(f, x, outputs))
+            if rule.requires_any:
+                absent = [np.isnan(self._column(f, x, outputs)) for f in rule.requires_any]
+                unknown |= np.logical_and.reduce(absent)
             columns.append((rule, fired, unknown))
         out: list[list[dict]] = [[] for _ in range(n)]
         for rule, fired, unknown in columns:

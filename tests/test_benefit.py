@@ -277,9 +277,10 @@ def test_guardrail_conditions_on_missing_values_are_false_and_required_fields_ma
     )
     assert list(status["parasitic_or_fungal_trigger"]) == ["fires", "unknown", "clear"]
     assert list(status["outside_overlap"]) == ["clear", "unknown", "clear"]  # 0.1 is inside [0.1, 0.9]
-    assert list(status["icu_level_severity"]) == ["clear", "fires", "clear"]  # on the cut-offs: not met
+    # row 0: none of the six fields measured -> unknown (requires_any); row 2 on the cut-offs: not met
+    assert list(status["icu_level_severity"]) == ["unknown", "fires", "clear"]
     assert guardrails.summary_column(status).tolist() == [
-        "parasitic_or_fungal_trigger",
+        "parasitic_or_fungal_trigger;icu_level_severity?",
         "icu_level_severity;parasitic_or_fungal_trigger?;malignancy_trigger?;outside_overlap?",
         "",
     ]

@@ -67,7 +67,8 @@ def _edge_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
         ({"lactate": 4.5}, {"icu_level_severity": "fires"}),
         ({"cns_dysfunction": 1.0}, {"icu_level_severity": "fires"}),
         ({"hemorrhage": 1.0}, {"icu_level_severity": "fires"}),
-        ({f: np.nan for f in ICU_FIELDS}, {}),  # no 'requires': all missing is "clear", not "unknown"
+        ({f: np.nan for f in ICU_FIELDS}, {"icu_level_severity": "unknown"}),  # requires_any: none measured
+        ({**{f: np.nan for f in ICU_FIELDS}, "lactate": 1.0}, {}),  # one measured, nothing met: clear
         ({"trigger": "fungal"}, {"parasitic_or_fungal_trigger": "fires"}),
         ({"trigger": "parasitic_leishmania"}, {"parasitic_or_fungal_trigger": "fires"}),
         ({"trigger": "lymphoma"}, {"malignancy_trigger": "fires"}),
