@@ -14,6 +14,7 @@ would take gigabytes; scoring stays cheap and keeps its own limit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -94,6 +95,7 @@ class Config:
         )
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every request without keys; parsing an address is not free
 def is_loopback(host: str | None) -> bool:
     if host in (None, "localhost"):
         return host == "localhost"

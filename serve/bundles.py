@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,11 @@ class Model:
     guardrails: Guardrails | None
     fingerprint: str = ""
     explainer: Explainer | None = None
+    batch_session: Any = None  # BATCH_THREADS threads, for batches of at least BATCH_ROWS rows
 
     def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
-        values = self.session.run(self.run_outputs, {self.input_name: x32})
+        big = self.batch_session is not None and x32.shape[0] >= BATCH_ROWS
+        values = (self.batch_session if big else self.session).run(self.run_outputs, {self.input_name: x32})
         return {k: np.asarray(v).reshape(-1) for k, v in zip(self.run_outputs, values, strict=True)}
 
     def summary(self) -> dict:
@@ -134,11 +137,23 @@ def _metrics_summary(metrics: dict) -> dict:
     return out
 
 
-def session_for(model_bytes: bytes) -> ort.InferenceSession:
+# Batches of at least BATCH_ROWS rows run on a second session with BATCH_THREADS intra-op threads.
+# Why only large ones: onnxruntime splits a tree ensemble over rows once a batch is large (each row's
+# trees still summed in the same order, so the risks are bit-identical; tests/test_serve.py checks),
+# but splits a small batch over trees, which reorders the sums and costs a thread hand-off that one
+# patient does not repay. Why no spinning: idle intra-op threads would otherwise burn the CPU the
+# event loop needs between batches.
+BATCH_ROWS = 256
+BATCH_THREADS = max(1, min(int(os.environ.get("MASML_SERVE_BATCH_THREADS", "2")), os.cpu_count() or 1))
+
+
+def session_for(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # same as masml.predict: bit-identical sums, and one row needs no more
+    opts.intra_op_num_threads = threads  # 1: as masml.predict, and one row needs no more
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
@@ -281,6 +296,7 @@ def load_model(bundle: Path, previous: Model | None = None) -> Model:
         guardrails=guardrails,
         fingerprint=fp,
         explainer=explainer,
+        batch_session=session_for(model_bytes, BATCH_THREADS) if BATCH_THREADS > 1 else None,
     )
 
 

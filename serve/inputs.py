@@ -64,6 +64,7 @@ class InputSpec:
     loose_units: dict[str, Unit] = field(default_factory=dict)
     exact_units: dict[str, Unit] = field(default_factory=dict)
     accepted: list[str] = field(default_factory=list)
+    seen_units: dict[str, Unit | None] = field(default_factory=dict)  # unit_for's answers, by spelling
 
     @classmethod
     def from_manifest(cls, entry: dict) -> InputSpec:
@@ -106,9 +107,14 @@ class InputSpec:
         return f"a number in {self.unit} {rng}{units}"
 
     def unit_for(self, unit: str) -> Unit | None:
-        return self.exact_units.get(normalise_unit(unit, keep_case=True)) or self.loose_units.get(
+        if unit in self.seen_units:  # clients repeat a handful of spellings; normalising costs regexes
+            return self.seen_units[unit]
+        found = self.exact_units.get(normalise_unit(unit, keep_case=True)) or self.loose_units.get(
             normalise_unit(unit)
         )
+        if len(self.seen_units) < 256:  # bounded: a client sending endless new strings gains nothing
+            self.seen_units[unit] = found
+        return found
 
 
 def _num_or_none(v: Any) -> float | None:

@@ -93,7 +93,11 @@ def test_health_models_and_refused_bundle(server):
 
 
 def test_predictions_equal_onnxruntime_on_masml_encoding(server, bundle, frame):
-    """The service's risk is bit-for-bit onnxruntime on masml's encode_inputs of the same patients."""
+    """The service's risk is bit-for-bit onnxruntime on masml's encode_inputs of the same patients.
+    300 patients: at least serve.bundles.BATCH_ROWS, so the multi-threaded batch session answers."""
+    from serve.bundles import BATCH_ROWS
+
+    assert len(frame) >= BATCH_ROWS
     manifest = json.loads((bundle[1] / "onset" / "manifest.json").read_text())
     names = [i["name"] for i in manifest["inputs"]]
     sess = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes())
@@ -216,14 +220,17 @@ def test_audit_log_has_hashes_and_outputs_but_no_inputs(server):
         "ferritin": 98765.4321,
         "crp": 123.456,
     }
-    st, hdrs, body = predict(server, [secret])
+    other = BASE | {"ferritin": 1234.5}
+    st, hdrs, body = predict(server, [secret, other, secret])
     assert st == 200
     lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
-    rec = next(r for r in lines if r["request_id"] == hdrs["x-request-id"])
-    assert rec["sha256"] == body["model"]["sha256"] and rec["outputs"]["risk"] == [
-        body["predictions"][0]["risk"]
-    ]
-    assert len(rec["input_sha256"]) == 1 and rec["version"] and rec["time"]
+    recs = [r for r in lines if r["request_id"] == hdrs["x-request-id"]]
+    # one line per prediction, in batch order
+    assert [r["index"] for r in recs] == [0, 1, 2] and {r["n"] for r in recs} == {3}
+    for rec, pred in zip(recs, body["predictions"], strict=True):
+        assert rec["sha256"] == body["model"]["sha256"] and rec["outputs"] == {"risk": pred["risk"]}
+        assert len(rec["input_sha256"]) == 32 and rec["version"] and rec["time"]
+    assert recs[0]["input_sha256"] == recs[2]["input_sha256"] != recs[1]["input_sha256"]
     text = server.audit.read_text() + server.stderr()
     for raw in ("MRN-0042-SECRET", "98765.4", "123.456", "47.25", "aosd"):
         assert raw not in text
