@@ -273,8 +273,8 @@ def _print_comparison(task: str, comparison) -> None:
         caption="ECE floor: the ECE a perfectly calibrated model would show on this many patients; "
         "ECE vs truth: against the true probabilities (synthetic data only)",
     )
-    columns = ("model", "n", "AUROC [95% CI]", "Δ ceiling", "AUPRC", "Brier", "slope", "ECE", "ECE floor",
-               "ECE vs truth")  # fmt: skip
+    columns = ("model", "n", "AUROC [95% CI]", "Δ ceiling", "AUPRC", "Brier", "slope [95% CI]",
+               "ECE [95% CI]", "ECE floor", "ECE vs truth")  # fmt: skip
     for name in columns:
         table.add_column(name, no_wrap=True)
     for _, r in comparison.iterrows():
@@ -282,16 +282,22 @@ def _print_comparison(task: str, comparison) -> None:
         table.add_row(
             str(get("model")),
             str(int(get("rows", 0))),
-            f"{_cell(get('auroc'))} [{_cell(get('auroc_lo'))}, {_cell(get('auroc_hi'))}]",
+            _with_ci(get, "auroc"),
             _cell(get("auroc_diff")),
             _cell(get("auprc")),
             _cell(get("brier")),
-            _cell(get("calibration_slope")),
-            _cell(get("ece")),
+            _with_ci(get, "calibration_slope"),
+            _with_ci(get, "ece"),
             _cell(get("ece_floor")),
             _cell(get("ece_vs_truth")),
         )
     out.print(table)
+
+
+def _with_ci(get, metric: str) -> str:
+    """``estimate [lo, hi]``; the estimate alone where the metric has no interval (a score's ECE)."""
+    est, lo, hi = _cell(get(metric)), _cell(get(f"{metric}_lo")), _cell(get(f"{metric}_hi"))
+    return f"{est} [{lo}, {hi}]" if est and lo and hi else est
 
 
 def _cell(value) -> str:

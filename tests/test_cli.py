@@ -138,3 +138,23 @@ def test_main_job_generates_the_cohort_and_trains_every_model(tmp_path):
     for task in ("onset", "icu", "il1_benefit"):
         assert (tmp_path / "models" / task / "model.onnx").is_file(), task
     assert "onset: held-out performance" in r.stdout and "ceiling" in r.stdout
+
+
+def test_printed_comparison_shows_slope_and_ece_with_their_intervals():
+    from masml import cli
+
+    rows = pd.DataFrame(
+        [
+            {"model": "xgboost", "rows": 500, "auroc": 0.9, "auroc_lo": 0.88, "auroc_hi": 0.92,
+             "calibration_slope": 1.02, "calibration_slope_lo": 0.91, "calibration_slope_hi": 1.13,
+             "ece": 0.021, "ece_lo": 0.012, "ece_hi": 0.034},
+            {"model": "hscore", "rows": 500, "auroc": 0.8, "auroc_lo": 0.77, "auroc_hi": 0.83,
+             "calibration_slope": float("nan"), "ece": float("nan"), "ece_lo": float("nan"),
+             "ece_hi": float("nan")},
+        ]
+    )  # fmt: skip
+    with cli.out.capture() as captured:
+        cli._print_comparison("onset", rows)
+    text = captured.get()
+    assert "1.020 [0.910, 1.130]" in text and "0.021 [0.012, 0.034]" in text
+    assert "hscore" in text and "nan" not in text.lower()
