@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from masml.schema import COLUMNS
 
 Op = Literal["column", "one_hot", "ratio", "score"]
-Comparison = Literal[">=", ">", "<=", "=="]
+Comparison = Literal[">=", ">", "<=", "<", "=="]
 
 # (name, numerator, denominator): ratios that carry clinical meaning.
 RATIOS: tuple[tuple[str, str, str], ...] = (
@@ -49,10 +49,30 @@ class ScoreItem:
 
     Counting conditions covers every item shape of the published scores: a sign (one condition), a
     three-band lab (``>= lo`` and ``> hi``: 0, 1 or 2 hold), a count of lineages or organs.
+
+    A condition may also be a nested ``ScoreItem``, which adds its own points (non-negative integers)
+    to the count instead of 0 or 1. That makes "and", "or" and "at least n of" of comparisons
+    expressible (``points`` (0, 0, 1) over two conditions is "both", (0, 1, 1) is "either"), e.g. the
+    age-dependent haemoglobin limit of HLH-2004 or "ferritin > 684 and 2 of 4 labs" of MAS 2016, while
+    every value stays an integer count, exact in float32 and int64 on both sides.
+    ``points`` has one entry per possible count: ``len(points) == max_count + 1``.
     """
 
-    conditions: tuple[Condition, ...]
+    conditions: tuple[Condition | ScoreItem, ...]
     points: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in self.points):
+            raise ValueError(f"score item points must be integers, got {self.points}")
+        for term in self.conditions:
+            if isinstance(term, ScoreItem) and min(term.points) < 0:
+                raise ValueError(f"a nested score item counts its points, which must be >= 0: {term.points}")
+        if len(self.points) != self.max_count + 1:
+            raise ValueError(f"score item has counts 0..{self.max_count} but {len(self.points)} points")
+
+    @property
+    def max_count(self) -> int:
+        return sum(max(t.points) if isinstance(t, ScoreItem) else 1 for t in self.conditions)
 
 
 @dataclass(frozen=True)
@@ -98,14 +118,164 @@ def _hscore_items(index: dict[str, int]) -> tuple[ScoreItem, ...]:
     )  # fmt: skip
 
 
+def _cond(index: dict[str, int]) -> Callable[[str, Comparison, float], Condition]:
+    return lambda name, op, threshold: Condition(index[name], op, threshold)
+
+
+def _either(*terms: Condition | ScoreItem) -> ScoreItem:
+    """1 when at least one of the conditions holds (each term worth at most 1), else 0."""
+    return ScoreItem(terms, (0,) + (1,) * len(terms))
+
+
+def _both(*terms: Condition | ScoreItem) -> ScoreItem:
+    """1 when every condition holds (each term worth at most 1), else 0."""
+    return ScoreItem(terms, (0,) * len(terms) + (1,))
+
+
+def _hlh2004_items(index: dict[str, int]) -> tuple[ScoreItem, ...]:
+    """HLH-2004 (Henter 2007): the number of criteria met, exactly as :func:`masml.scores.hlh2004` counts.
+
+    One item per criterion, worth 1 when met. Cytopenias: >= 2 of the 3 lineages; the haemoglobin
+    lineage is Hb < 10 g/dL under 4 weeks of age and Hb < 9 g/dL otherwise (or with age unknown), i.e.
+    at least 2 of (Hb < 9, Hb < 10, infant). Triglycerides >= 265 mg/dL or fibrinogen <= 150 mg/dL is one
+    criterion. NK activity is not in the schema and is never met (as in the baseline), so 0-7.
+    Missing inputs: a criterion whose inputs are missing is not met, so the value is the number of the
+    assessable criteria that are met (0 with nothing known); a partly known criterion (one lineage, TG
+    without fibrinogen) is judged on what is known, and an unknown age uses the general Hb limit.
+    """
+    from masml import scores as s
+
+    c = _cond(index)
+    hb_low = ScoreItem(
+        (
+            c("hemoglobin", "<", s.HLH2004_HB_G_DL),
+            c("hemoglobin", "<", s.HLH2004_HB_INFANT_G_DL),
+            c("age_years", "<", s.HLH2004_INFANT_AGE_YEARS),
+        ),
+        (0, 0, 1, 1),
+    )
+    lineages = (
+        hb_low,
+        c("platelets", "<", s.HLH2004_PLATELETS),
+        c("neutrophils", "<", s.HLH2004_NEUTROPHILS),
+    )
+    at_least = s.HLH2004_CYTOPENIA_LINEAGES
+    return (
+        _either(c("temperature_c", ">=", s.HLH2004_FEVER_C)),
+        _either(c("splenomegaly", "==", 1)),
+        ScoreItem(lineages, tuple(int(k >= at_least) for k in range(len(lineages) + 1))),
+        _either(c("triglycerides", ">=", s.HLH2004_TG_MG_DL),
+                c("fibrinogen", "<=", s.HLH2004_FIBRINOGEN_MG_DL)),
+        _either(c("bone_marrow_hemophagocytosis", "==", 1)),
+        _either(c("ferritin", ">=", s.HLH2004_FERRITIN)),
+        _either(c("scd25", ">=", s.HLH2004_SCD25)),
+    )  # fmt: skip
+
+
+def _mas2016_items(index: dict[str, int]) -> tuple[ScoreItem, ...]:
+    """2016 EULAR/ACR/PRINTO criteria (Ravelli 2016): 1 when classified as MAS, else 0.
+
+    Not a sum of points but a rule: fever AND ferritin > 684 ng/mL AND at least 2 of the 4 labs
+    (platelets <= 181, AST > 48, triglycerides > 156, fibrinogen <= 360), exactly as
+    :func:`masml.scores.mas2016`, fever included (its ``MAS2016_FEVER_C`` assumption). It is a rule, not
+    a sum of points, so the model sees the classification itself (a tree splits on it exactly at 0.5).
+    Missing inputs: a missing value meets no condition, so a missing temperature or ferritin gives 0,
+    and a missing lab counts as not abnormal (1 only when 2 of the known labs are).
+    """
+    from masml import scores as s
+
+    c = _cond(index)
+    labs = (
+        c("platelets", "<=", s.MAS2016_PLATELETS),
+        c("ast", ">", s.MAS2016_AST),
+        c("triglycerides", ">", s.MAS2016_TG_MG_DL),
+        c("fibrinogen", "<=", s.MAS2016_FIBRINOGEN_MG_DL),
+    )
+    enough_labs = ScoreItem(labs, tuple(int(k >= s.MAS2016_MIN_LABS) for k in range(len(labs) + 1)))
+    fever, ferritin = c("temperature_c", ">=", s.MAS2016_FEVER_C), c("ferritin", ">", s.MAS2016_FERRITIN)
+    return (_both(fever, ferritin, enough_labs),)
+
+
+def _mals_ferritin_items(index: dict[str, int]) -> tuple[ScoreItem, ...]:
+    """MALS by ferritin (Kyriazopoulou 2017, PROVIDE): 1 when ferritin > 4420 ng/mL, else 0 (missing: 0)."""
+    from masml import scores as s
+
+    return (_either(_cond(index)("ferritin", ">", s.MALS_FERRITIN)),)
+
+
+def _dic_isth_items(index: dict[str, int]) -> tuple[ScoreItem, ...]:
+    """ISTH overt-DIC score (Taylor 2001), 0-8, with the D-dimer and INR assumptions of ``masml.scores``.
+
+    Platelets < 100 -> 1, < 50 -> 2; D-dimer 1.0-2.0 mg/L FEU (inclusive) -> 2, > 2.0 -> 3; INR >= 1.25 ->
+    1, >= 1.5 -> 2; fibrinogen < 100 mg/dL -> 1, as :func:`masml.scores.dic_isth`. Missing inputs: a
+    missing item scores 0, so the value is the partial sum of the items that could be assessed.
+    """
+    from masml import scores as s
+
+    c = _cond(index)
+    plt_lo, plt_hi = s.DIC_PLATELETS
+    dd_lo, dd_hi = s.DIC_D_DIMER
+    inr_lo, inr_hi = s.DIC_INR
+    return (
+        ScoreItem((c("platelets", "<", plt_hi), c("platelets", "<", plt_lo)), (0, 1, 2)),
+        ScoreItem((c("d_dimer", ">=", dd_lo), c("d_dimer", ">", dd_hi)), s.DIC_D_DIMER_POINTS),
+        ScoreItem((c("inr", ">=", inr_lo), c("inr", ">=", inr_hi)), (0, 1, 2)),
+        ScoreItem((c("fibrinogen", "<", s.DIC_FIBRINOGEN_MG_DL),), (0, 1)),
+    )
+
+
+def _hbd_dic_items(index: dict[str, int]) -> tuple[ScoreItem, ...]:
+    """HBD + DIC (Shakoory 2016, masml's operational definition): 1 when both are present, else 0.
+
+    HBD: bilirubin >= 2.0 mg/dL or ALT >= 80 or AST >= 80 U/L. DIC: ISTH score >= 5, or platelets < 100
+    with INR >= 1.5. Exactly :func:`masml.scores.hbd_dic`. Missing inputs: a missing value meets no
+    condition, so each part is judged on the labs that are known and is absent when none are.
+    """
+    from masml import scores as s
+
+    c = _cond(index)
+    hbd = _either(c("bilirubin", ">=", s.HBD_BILIRUBIN_MG_DL), c("alt", ">=", s.HBD_TRANSAMINASE),
+                  c("ast", ">=", s.HBD_TRANSAMINASE))  # fmt: skip
+    isth = _dic_isth_items(index)
+    isth_max = sum(max(item.points) for item in isth)
+    overt = ScoreItem(isth, tuple(int(k >= s.DIC_OVERT) for k in range(isth_max + 1)))
+    dic = _either(overt, _both(c("platelets", "<", s.HBD_DIC_PLATELETS), c("inr", ">=", s.HBD_DIC_INR)))
+    return (_both(hbd, dic),)
+
+
 # Clinical scores a config may add as model features (``score_features``): name -> (inputs it reads,
-# items). Only scores whose every rule is a comparison of one input with a constant can live in the
-# exported graph exactly; HScore is the one adult sHLH score of that shape.
+# items). Only scores whose every rule is a comparison of one input with a constant (combined by
+# counting, see ``ScoreItem``) can live in the exported graph exactly. Each equals its
+# ``masml.scores`` baseline on every row, missing values included: a missing input meets no condition,
+# as a missing item is "not met" / scores 0 there. Left out:
+# - ms_score (Minoia 2019): a weighted sum of continuous labs with decimal coefficients, not points of
+#   comparisons. In float32 it would differ from the float64 baseline (which rounds to 9 decimals near
+#   its -2.1 cut-off), its numpy/onnxruntime agreement would rest on both evaluating the same float32
+#   multiplies and adds in the same order (no fusion, no reordering), which onnxruntime does not
+#   promise, and scoring a missing term 0 is not neutral for its negative terms. Trees see its 7
+#   inputs directly.
+# - hscore_probability: a monotone map of hscore, which a tree already splits on identically.
+# - ferritin_esr_ratio: a ratio, already a feature (``RATIOS``) whenever ferritin and esr are inputs.
 SCORES: dict[str, tuple[tuple[str, ...], Callable[[dict[str, int]], tuple[ScoreItem, ...]]]] = {
     "hscore": (
         ("immunosuppressed", "temperature_c", "hepatomegaly", "splenomegaly", "hemoglobin", "wbc",
          "platelets", "ferritin", "triglycerides", "fibrinogen", "ast", "bone_marrow_hemophagocytosis"),
         _hscore_items,
+    ),
+    "hlh2004": (
+        ("temperature_c", "splenomegaly", "hemoglobin", "age_years", "platelets", "neutrophils",
+         "triglycerides", "fibrinogen", "bone_marrow_hemophagocytosis", "ferritin", "scd25"),
+        _hlh2004_items,
+    ),
+    "mas2016": (
+        ("temperature_c", "ferritin", "platelets", "ast", "triglycerides", "fibrinogen"),
+        _mas2016_items,
+    ),
+    "mals_ferritin": (("ferritin",), _mals_ferritin_items),
+    "dic_isth": (("platelets", "d_dimer", "inr", "fibrinogen"), _dic_isth_items),
+    "hbd_dic": (
+        ("bilirubin", "alt", "ast", "platelets", "d_dimer", "inr", "fibrinogen"),
+        _hbd_dic_items,
     ),
 }  # fmt: skip
 
@@ -143,16 +313,37 @@ def _holds(values: np.ndarray, cond: Condition) -> np.ndarray:
         return values > thr
     if cond.op == "<=":
         return values <= thr
+    if cond.op == "<":
+        return values < thr
     return values == thr
+
+
+def _count(x: np.ndarray, item: ScoreItem) -> np.ndarray:
+    """int64 count of an item's conditions met, a nested item adding its points."""
+    met = np.zeros(x.shape[0], dtype=np.int64)
+    for term in item.conditions:
+        if isinstance(term, ScoreItem):
+            met += np.asarray(term.points, dtype=np.int64)[_count(x, term)]
+        else:
+            met += _holds(x[:, term.input], term)
+    return met
 
 
 def score_points(x: np.ndarray, items: Sequence[ScoreItem]) -> np.ndarray:
     """Total points of a score for each row of the input matrix (float32; a missing value scores 0)."""
     total = np.zeros(x.shape[0], dtype=np.float32)
     for item in items:
-        met = sum(_holds(x[:, c.input], c).astype(np.int64) for c in item.conditions)
-        total += np.asarray(item.points, dtype=np.float32)[met]
+        total += np.asarray(item.points, dtype=np.float32)[_count(x, item)]
     return total
+
+
+def score_conditions(items: Sequence[ScoreItem]) -> list[Condition]:
+    """Every comparison of a score, nested items included, in definition order (its cut-offs)."""
+    out: list[Condition] = []
+    for item in items:
+        for term in item.conditions:
+            out += score_conditions((term,)) if isinstance(term, ScoreItem) else [term]
+    return out
 
 
 def transform(x: np.ndarray, spec: Sequence[Feature]) -> np.ndarray:

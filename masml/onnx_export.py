@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from masml.calibration import Calibrator
-from masml.features import Feature, feature_names, transform
+from masml.features import Feature, ScoreItem, feature_names, score_conditions, transform
 
 OPSET = 18  # default domain; onnxruntime 1.31 runs it
 ML_OPSET = 3  # ai.onnx.ml: TreeEnsembleRegressor v3 (deprecated, not removed, in ml opset 5)
@@ -295,7 +295,7 @@ def _features(g: _Graph, spec: Sequence[Feature], n_inputs: int) -> str:
     return g.op("Gather", [joined, perm], "features", axis=1)
 
 
-_COMPARE = {">=": "GreaterOrEqual", ">": "Greater", "<=": "LessOrEqual", "==": "Equal"}
+_COMPARE = {">=": "GreaterOrEqual", ">": "Greater", "<=": "LessOrEqual", "<": "Less", "==": "Equal"}
 
 
 def _score(g: _Graph, f: Feature) -> str:
@@ -303,17 +303,27 @@ def _score(g: _Graph, f: Feature) -> str:
     none) and look the count up in the item's points; sum the items. Integer points sum exactly."""
     total = None
     for i, item in enumerate(f.items):
-        count = None
-        for k, c in enumerate(item.conditions):
-            p = f"{f.name}_{i}_{k}"
-            col = g.op("Gather", [INPUT, g.const(f"{p}_index", [c.input], np.int64)], f"{p}_value", axis=1)
-            met = g.op(_COMPARE[c.op], [col, g.const(f"{p}_threshold", c.threshold, np.float32)], f"{p}_met")
-            met = g.op("Cast", [met], f"{p}_count", to=TensorProto.INT64)
-            count = met if count is None else g.op("Add", [count, met], f"{p}_sum")
+        count = _score_count(g, item, f"{f.name}_{i}")
         points = g.const(f"{f.name}_{i}_points", item.points, np.float32)
         item_points = g.op("Gather", [points, count], f"{f.name}_{i}_item", axis=0)
         total = item_points if total is None else g.op("Add", [total, item_points], f"{f.name}_{i}_total")
     return total
+
+
+def _score_count(g: _Graph, item: ScoreItem, prefix: str) -> str:
+    """int64 [N, 1]: the item's conditions met, a nested item adding its points (``features._count``)."""
+    count = None
+    for k, c in enumerate(item.conditions):
+        p = f"{prefix}_{k}"
+        if isinstance(c, ScoreItem):
+            inner = _score_count(g, c, p)
+            met = g.op("Gather", [g.const(f"{p}_points", c.points, np.int64), inner], f"{p}_count", axis=0)
+        else:
+            col = g.op("Gather", [INPUT, g.const(f"{p}_index", [c.input], np.int64)], f"{p}_value", axis=1)
+            met = g.op(_COMPARE[c.op], [col, g.const(f"{p}_threshold", c.threshold, np.float32)], f"{p}_met")
+            met = g.op("Cast", [met], f"{p}_count", to=TensorProto.INT64)
+        count = met if count is None else g.op("Add", [count, met], f"{p}_sum")
+    return count
 
 
 def _trees(g: _Graph, forest: _Forest, features: str) -> str:
@@ -594,7 +604,7 @@ def _stress_rows(
                     labels.append((kind, f"feature {spec[f].name} = {value!r} (split at {thr!r})"))
         # A clinical score's own cut-offs: an input exactly on (and one float32 step around) each one.
         for f in (g for g in spec if g.op == "score"):
-            conditions = [c for item in f.items for c in item.conditions]
+            conditions = score_conditions(f.items)
             for c_no, c in enumerate(conditions):
                 thr, inf = np.float32(c.threshold), np.float32(np.inf)
                 for value in (np.nextafter(thr, -inf), thr, np.nextafter(thr, inf)):

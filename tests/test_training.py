@@ -99,7 +99,10 @@ def test_unknown_input_column_is_named_with_the_valid_ones():
         ({"thresholds": [0.2, 2]}, r"'thresholds\[1\]': value 2 must lie strictly between 0 and 1"),
         ({"label": "ferritin"}, r"'label': 'ferritin' is not a label"),
         ({"task": "icu"}, r"the file says 'icu' but 'onset' was requested"),
-        ({"score_features": ["hscor"]}, r"'hscor' is not a score feature; available: \['hscore'\]"),
+        ({"score_features": ["hscor"]}, r"'hscor' is not a score feature; available: \['dic_isth', "
+         r"'hbd_dic', 'hlh2004', 'hscore', 'mals_ferritin', 'mas2016'\]"),
+        ({"score_features": ["mas2016"], "inputs": ["temperature_c", "ferritin", "platelets", "ast"]},
+         r"'mas2016' is computed from \['triglycerides', 'fibrinogen'\], which 'inputs' does not list"),
         ({"score_features": ["hscore", "hscore"]}, r"names a score more than once"),
         ({"score_features": ["hscore"], "inputs": ["ferritin", "ast"]},
          r"'hscore' is computed from \['immunosuppressed', .*which 'inputs' does not list"),
