@@ -17,6 +17,20 @@ does, then cast to float32:
 * ``dr_forest``: a regression forest on the features;
 * ``x_learner``: propensity * tau0 + (1 - propensity) * tau1 (two regression forests);
 * ``constant``: one number for everyone.
+
+The bundle's ``explainer.onnx`` (``benefit_explainer_to_onnx``, issue 6) explains the two *outcome models*
+behind ``risk_untreated`` and ``risk_treated``: exact path-dependent TreeSHAP of each one's margin
+(log-odds, before calibration), built per model with ``masml.shap_export``'s tables and merged under
+the prefixes ``untreated_`` / ``treated_`` exactly as the scoring graph merges the models, so each
+``*_margin`` is the scoring graph's own tree sum, bit for bit. Why the two outcome models and not
+``benefit``: every learner but the T-learner computes ``benefit`` from something other than these two
+models (a ridge on effect modifiers, forests on pseudo-outcomes, a constant), and ``benefit`` is a
+difference of *probabilities*, which no additive log-odds attribution decomposes. What the graph does
+attribute is the difference of the two margins, ``difference_* = untreated_* - treated_*`` (output by
+output, one float32 subtraction each): ``difference_margin`` = margin_untreated - margin_treated is the
+log odds ratio of death without vs with IL-1 blockade as the outcome models see this patient, and its
+base value and contributions add up to it as each model's do. The parity gate
+(``benefit_explainer_parity_gate``) holds both models to ``shap.TreeExplainer`` as the risk explainer's is.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from masml import causal
+from masml import causal, shap_export
 from masml.calibration import Calibrator
 from masml.features import feature_names
 from masml.onnx_export import (
@@ -48,6 +62,24 @@ from masml.schema import TRIGGERS
 
 OUTPUTS = ("benefit", "risk_untreated", "risk_treated", "propensity")
 PRODUCER_VERSION = "benefit-1"  # bump when the graph layout changes
+EXPLAINER_PRODUCER_VERSION = "benefit-shap-1"  # bump when the explainer graph layout changes
+# The explained outcome models: (block name = output prefix without "_", the model.onnx output it explains)
+EXPLAINED_ARMS = (("untreated", "risk_untreated"), ("treated", "risk_treated"))
+DIFFERENCE = "difference"  # block untreated - treated
+EXPLAINER_OUTPUTS = ("contributions", "input_contributions", "base_value", "margin")
+DIFFERENCE_MEANING = (
+    "untreated minus treated, output by output: contributions and input_contributions are the untreated "
+    "outcome model's minus the treated outcome model's (log-odds), base_value the difference of their base "
+    "values, and margin = margin_untreated - margin_treated, the log odds ratio of death within 28 days "
+    "without vs with IL-1 blockade as the outcome models estimate it (> 0: they expect fewer deaths with "
+    "treatment); base_value + sum(contributions) = margin, as for each model"
+)
+EXPLAINS_TEXT = (
+    "the two outcome models behind risk_untreated and risk_treated (exact TreeSHAP of each model's margin, "
+    "log-odds before calibration), not the chosen benefit learner ({learner}); benefit is a difference of "
+    "probabilities and is not additively decomposed; the difference block attributes the log odds ratio "
+    "margin_untreated - margin_treated, not benefit"
+)
 
 
 def _merge(g: _Graph, sub: _Graph, prefix: str, external: set[str]) -> None:
@@ -233,6 +265,113 @@ def benefit_model_to_onnx(model: causal.BenefitModel) -> onnx.ModelProto:
     return onnx_model
 
 
+def benefit_explainer_to_onnx(model: causal.BenefitModel) -> tuple[onnx.ModelProto, dict]:
+    """The outcome models' explainer and its manifest section (``sha256`` is added by the bundle writer).
+
+    ``inputs`` float32 [N, K] (the same matrix as ``model.onnx``) -> for each block ``b`` in untreated,
+    treated, difference: ``b_contributions`` [N, F], ``b_input_contributions`` [N, K], ``b_base_value``
+    [N], ``b_margin`` [N], all float32 log-odds (see the module docstring for what the blocks mean).
+    """
+    names = list(model.input_names)
+    spec = model.spec
+    n = len(names)
+    forests = {
+        arm: shap_export.explainable_forest(getattr(model.nuisances, arm).booster, spec)
+        for arm, _ in EXPLAINED_ARMS
+    }
+    g = _Graph()
+    feats = _features(g, spec, n)
+    tables = {}
+    for arm, _ in EXPLAINED_ARMS:
+        sub = _Graph()
+        tables[arm] = shap_export.explainer_nodes(sub, forests[arm], spec, n, feats)
+        _merge(g, sub, f"{arm}_", {INPUT, feats})
+    (a, _), (b, _) = EXPLAINED_ARMS
+    for out in EXPLAINER_OUTPUTS:
+        g.op("Sub", [f"{a}_{out}", f"{b}_{out}"], f"{DIFFERENCE}_{out}")
+
+    fnames = feature_names(spec)
+    shapes = {"contributions": ["N", len(spec)], "input_contributions": ["N", n], "base_value": ["N"],
+              "margin": ["N"]}  # fmt: skip
+    whose = {arm: f"the {arm}-arm outcome model ({output})" for arm, output in EXPLAINED_ARMS}
+    whose[DIFFERENCE] = f"{a} minus {b}"
+    meaning = {
+        "contributions": "SHAP value of each model feature (log-odds) of {w}; columns: " + ", ".join(fnames),
+        "input_contributions": "SHAP values of {w} attributed to the canonical inputs (log-odds)",
+        "base_value": "expected margin (log-odds) of {w}",
+        "margin": "margin (log-odds, before calibration) of {w}, = base_value + sum of contributions",
+    }
+    blocks = [arm for arm, _ in EXPLAINED_ARMS] + [DIFFERENCE]
+    outs = [
+        shap_export.float_info(f"{blk}_{o}", shapes[o], meaning[o].format(w=whose[blk]))
+        for blk in blocks
+        for o in EXPLAINER_OUTPUTS
+    ]
+    x_info = shap_export.float_info(INPUT, ["N", n], "float32 [N, K], NaN = missing; as model.onnx")
+    graph = helper.make_graph(g.nodes, "masml_il1_benefit_explainer", [x_info], outs, g.inits)
+    graph.doc_string = (
+        f"Path-dependent TreeSHAP (Lundberg 2020) via Fast TreeSHAP v2 tables (Yang 2021) of the IL-1 "
+        f"benefit bundle's outcome models ({', '.join(o for _, o in EXPLAINED_ARMS)}), and their "
+        f"difference; {len(spec)} features. Not an explanation of the benefit learner ({model.learner})."
+    )
+    onnx_model = make_model(graph, EXPLAINER_PRODUCER_VERSION)
+    onnx.checker.check_model(onnx_model)
+    section = {
+        "file": shap_export.EXPLAINER_FILE,
+        "method": "path-dependent TreeSHAP (Lundberg et al. 2020) of each outcome model's margin, evaluated "
+        "with Fast TreeSHAP v2 tables (Yang 2021); equal to shap.TreeExplainer / xgboost pred_contribs on "
+        "each outcome model's booster",
+        "explains": EXPLAINS_TEXT.format(learner=model.learner),
+        "benefit_learner": model.learner,
+        "input": INPUT,
+        "blocks": [
+            {
+                "name": arm,
+                "prefix": f"{arm}_",
+                "explains": output,
+                "meaning": f"the {arm}-arm outcome model: {output} = its calibration "
+                f"({getattr(model.nuisances, arm).calibrator.kind}) of this block's margin",
+                "calibration": getattr(model.nuisances, arm).calibrator.kind,
+                "base_value": tables[arm].base_value,
+                "trees": len(forests[arm].trees),
+                "depth": tables[arm].depth,
+            }
+            for arm, output in EXPLAINED_ARMS
+        ]
+        + [{"name": DIFFERENCE, "prefix": f"{DIFFERENCE}_", "of": [a, b], "meaning": DIFFERENCE_MEANING}],
+        "outputs": [
+            {
+                "name": f"{blk}_{o}",
+                "shape": shapes[o],
+                **({"columns": "feature_names"} if o == "contributions" else {}),
+                **({"columns": "input_names"} if o == "input_contributions" else {}),
+                "meaning": meaning[o].format(w=whose[blk]),
+            }
+            for blk in blocks
+            for o in EXPLAINER_OUTPUTS
+        ],  # fmt: skip
+        "base_value_meaning": "log-odds (margin space, before calibration)",
+        "calibration_note": "the margins are before calibration: risk_untreated and risk_treated are each "
+        "outcome model's calibration of its margin (monotone, so it keeps the order of patients, but the "
+        "contributions add up to the margin, not to the risk, and sigmoid(margin) need not equal the risk)",
+        **shap_export.columns_section(spec, names),
+    }
+    return onnx_model, section
+
+
+def with_outputs(onnx_model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of the scoring graph that also outputs the named float32 [N] intermediates (e.g.
+    ``untreated_margin``, the tree sum that ``risk_untreated`` calibrates): for checks, never shipped."""
+    out = onnx.ModelProto()
+    out.CopyFrom(onnx_model)
+    produced = {o for node in out.graph.node for o in node.output}
+    missing = [n for n in names if n not in produced]
+    if missing:
+        raise ValueError(f"the graph has no tensors {missing}")
+    out.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N"]) for n in names)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Parity gate
 # --------------------------------------------------------------------------------------------------
@@ -320,4 +459,83 @@ def benefit_parity_gate(
     for kind in ("given", "missing", "threshold", "threshold_neighbour"):
         report["by_kind"][kind] = int(np.sum(kinds_arr == kind))
     report["n_single_rows"] = int(len(single))
+    return report
+
+
+def benefit_explainer_parity_gate(
+    explainer,
+    onnx_model: onnx.ModelProto,
+    model: causal.BenefitModel,
+    X: np.ndarray,
+    *,
+    tol: float = 1e-4,
+    threshold_rows: int = 1500,
+    seed: int = 0,
+) -> dict:
+    """The risk explainer's gate (``shap_export.explainer_parity_gate``) on each outcome model, then the
+    difference block; raises ``ExplainerParityError`` when anything is over ``tol``.
+
+    Per model: its contributions and base value against ``shap.TreeExplainer`` on that model's booster,
+    on X, rows with each input missing and rows on and beside that model's splits; additivity on every row
+    against the margin ``model.onnx`` calibrates into the model's risk. Then, on X and the missing-value
+    rows: every ``difference_*`` output = untreated - treated (float32), and difference base value + Σ
+    contributions = margin_untreated - margin_treated of ``model.onnx``.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    margins = [f"{arm}_margin" for arm, _ in EXPLAINED_ARMS]
+    scorer = with_outputs(onnx_model, margins)
+    report: dict = {"tol": tol}
+    for arm, _ in EXPLAINED_ARMS:
+        try:
+            report[arm] = shap_export.explainer_parity_gate(
+                explainer, getattr(model.nuisances, arm).booster, model.spec, X, model=scorer,
+                threshold_rows=threshold_rows, seed=seed, prefix=f"{arm}_", model_margin=f"{arm}_margin",
+            )  # fmt: skip
+        except shap_export.ExplainerParityError as err:  # the whole report so far, not only this arm's
+            report[arm] = err.report
+            raise shap_export.ExplainerParityError(str(err), report) from None
+
+    from masml.predict import onnx_session
+
+    stress, _ = _stress_rows(_read_forest(model.nuisances.untreated.booster), model.spec, X, 10, False, seed)
+    rows = np.concatenate([X, stress]).astype(np.float32)
+    sess = onnx_session(
+        explainer.SerializeToString() if isinstance(explainer, onnx.ModelProto) else explainer
+    )
+    blocks = {
+        blk: shap_export.run_explainer(sess, rows, prefix=f"{blk}_")
+        for blk in [arm for arm, _ in EXPLAINED_ARMS] + [DIFFERENCE]
+    }
+    (a, _), (b, _) = EXPLAINED_ARMS
+    m = onnx_session(scorer.SerializeToString()).run(margins, {INPUT: rows})
+    model_diff = np.asarray(m[0], np.float32).reshape(-1) - np.asarray(m[1], np.float32).reshape(-1)
+    d = blocks[DIFFERENCE]
+    checks = {
+        **{
+            f"difference_{o}": _abs_diff(
+                (blocks[a][o].astype(np.float32) - blocks[b][o].astype(np.float32)).reshape(len(rows), -1),
+                d[o].reshape(len(rows), -1),
+            ).max(axis=1, initial=0.0)
+            for o in EXPLAINER_OUTPUTS
+        },
+        "difference_additivity": _abs_diff(d["base_value"] + d["contributions"].sum(axis=1), model_diff),
+        "difference_margin_vs_model": _abs_diff(d["margin"], model_diff),
+    }
+    report[DIFFERENCE] = {"n_rows": int(len(rows))}
+    for name, diff in checks.items():
+        report[DIFFERENCE][f"max_abs_diff_{name.removeprefix('difference_')}"] = float(diff.max(initial=0.0))
+        if len(diff) and diff.max() > tol:
+            i = int(np.argmax(diff))
+            raise shap_export.ExplainerParityError(
+                f"explainer parity failed on {name}: max |diff| {diff[i]:.3g} > {tol:g} at row {i}; "
+                f"{int(np.sum(diff > tol))} of {len(diff)} rows over tolerance",
+                report,
+            )
+    report["max_abs_diff_contributions"] = max(
+        report[arm]["max_abs_diff_contributions"] for arm, _ in EXPLAINED_ARMS
+    )
+    report["max_abs_diff_additivity"] = max(
+        [report[arm]["max_abs_diff_additivity"] for arm, _ in EXPLAINED_ARMS]
+        + [report[DIFFERENCE]["max_abs_diff_additivity"]]
+    )
     return report

@@ -32,6 +32,10 @@ error is ~1e-6 log-odds, far inside the 1e-4 gate). ``margin`` is the scoring gr
 Derived features are also attributed back to the canonical inputs they are computed from
 (``input_contributions``), by a fixed linear map whose rows sum to one (:data:`ATTRIBUTION_RULE`), so
 the attributed values add up to the same margin.
+
+The benefit bundle's explainer (``masml.onnx_benefit.benefit_explainer_to_onnx``) is built from the same
+pieces (``explainable_forest``, ``explainer_nodes``, ``columns_section``) once per outcome model, under a
+name prefix, and checked by the same gate (``explainer_parity_gate`` with ``prefix``).
 """
 
 from __future__ import annotations
@@ -264,6 +268,65 @@ def _explain_graph(g: _Graph, tb: _Tables, features: str, n_features: int) -> st
     return g.op("ScatterElements", [zeros, idx, phi], CONTRIBUTIONS, axis=1, reduction="add")
 
 
+def explainable_forest(booster, spec: Sequence[Feature]) -> _Forest:
+    """The booster's trees, after checking they match the spec and have a log-odds margin to explain."""
+    forest = _read_forest(booster)
+    if forest.n_features != len(spec):
+        raise ValueError(f"the booster was trained on {forest.n_features} features, the spec has {len(spec)}")
+    if booster.feature_names is not None and list(booster.feature_names) != feature_names(spec):
+        raise ValueError("the booster's feature names differ from the spec's feature names")
+    if forest.objective not in ("binary:logistic", "binary:logitraw", "reg:logistic"):
+        raise ValueError(
+            f"explanations are in log-odds; objective {forest.objective!r} has no log-odds margin"
+        )
+    return forest
+
+
+def explainer_nodes(
+    g: _Graph, forest: _Forest, spec: Sequence[Feature], n_inputs: int, features: str
+) -> _Tables:
+    """Add one model's four explainer outputs to ``g`` (``contributions``, ``input_contributions``,
+    ``margin``, ``base_value``), reading the derived-feature matrix ``features``; returns the tables.
+
+    Shared by the risk explainer (these names are its outputs) and the benefit bundle's explainer, which
+    builds this once per outcome model in a scratch graph and merges it under a name prefix."""
+    tb = _tables(forest)
+    amap = attribution_map(spec, n_inputs)
+    contributions = _explain_graph(g, tb, features, len(spec))
+    g.op("MatMul", [contributions, g.const("shap_attribution", amap, np.float32)], INPUT_CONTRIBUTIONS)
+    margin = _trees(g, forest, features)
+    g.op("Expand", [g.const("shap_base_value", tb.base_value, np.float32),
+                    g.op("Shape", [margin], "shap_margin_shape")], BASE_VALUE)  # fmt: skip
+    return tb
+
+
+def float_info(name: str, shape: list, doc: str) -> onnx.ValueInfoProto:
+    v = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+    v.doc_string = doc
+    return v
+
+
+def columns_section(spec: Sequence[Feature], input_names: Sequence[str]) -> dict:
+    """The manifest keys that name the explainer's columns and how features are credited to inputs."""
+    input_names = list(input_names)
+    names = feature_names(spec)
+    amap = attribution_map(spec, len(input_names))
+    return {
+        "feature_names": names,
+        "input_names": input_names,
+        "features": [
+            {"name": f.name, "op": f.op, "inputs": [input_names[i] for i in f.inputs]} for f in spec
+        ],
+        "attribution": {
+            "rule": ATTRIBUTION_RULE,
+            "map": {
+                names[j]: {input_names[i]: float(amap[j, i]) for i in np.flatnonzero(amap[j])}
+                for j in range(len(spec))
+            },
+        },
+    }
+
+
 def explainer_to_onnx(
     booster, spec: list[Feature], input_names: Sequence[str]
 ) -> tuple[onnx.ModelProto, dict]:
@@ -273,31 +336,13 @@ def explainer_to_onnx(
     ``input_contributions`` [N, K], ``base_value`` [N] and ``margin`` [N], all float32 log-odds.
     """
     input_names = list(input_names)
-    forest = _read_forest(booster)
+    forest = explainable_forest(booster, spec)
     names = feature_names(spec)
-    if forest.n_features != len(spec):
-        raise ValueError(f"the booster was trained on {forest.n_features} features, the spec has {len(spec)}")
-    if booster.feature_names is not None and list(booster.feature_names) != names:
-        raise ValueError("the booster's feature names differ from the spec's feature names")
-    if forest.objective not in ("binary:logistic", "binary:logitraw", "reg:logistic"):
-        raise ValueError(
-            f"explanations are in log-odds; objective {forest.objective!r} has no log-odds margin"
-        )
-    tb = _tables(forest)
-    amap = attribution_map(spec, len(input_names))
 
     g = _Graph()
     features = _features(g, spec, len(input_names))
-    contributions = _explain_graph(g, tb, features, len(spec))
-    g.op("MatMul", [contributions, g.const("shap_attribution", amap, np.float32)], INPUT_CONTRIBUTIONS)
-    margin = _trees(g, forest, features)
-    g.op("Expand", [g.const("shap_base_value", tb.base_value, np.float32),
-                    g.op("Shape", [margin], "shap_margin_shape")], BASE_VALUE)  # fmt: skip
-
-    def info(name: str, shape: list, doc: str) -> onnx.ValueInfoProto:
-        v = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-        v.doc_string = doc
-        return v
+    tb = explainer_nodes(g, forest, spec, len(input_names), features)
+    info = float_info
 
     x_info = info(INPUT, ["N", len(input_names)], "float32 [N, K], NaN = missing; as model.onnx")
     outputs = [
@@ -345,18 +390,7 @@ def explainer_to_onnx(
         ],  # fmt: skip
         "base_value": tb.base_value,
         "base_value_meaning": "log-odds (margin space, before calibration)",
-        "feature_names": names,
-        "input_names": input_names,
-        "features": [
-            {"name": f.name, "op": f.op, "inputs": [input_names[i] for i in f.inputs]} for f in spec
-        ],
-        "attribution": {
-            "rule": ATTRIBUTION_RULE,
-            "map": {
-                names[j]: {input_names[i]: float(amap[j, i]) for i in np.flatnonzero(amap[j])}
-                for j in range(len(spec))
-            },
-        },
+        **columns_section(spec, input_names),
         "trees": len(forest.trees),
         "depth": tb.depth,
     }
@@ -378,13 +412,17 @@ def reference_shap(booster, features: np.ndarray, names: Sequence[str], n_rounds
     return np.asarray(expl.values, np.float64), np.asarray(expl.base_values, np.float64).reshape(-1)
 
 
-def run_explainer(sess, rows: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
-    """Run the explainer in batches: its intermediates take ~2 MB per row for 300 trees of depth 6."""
+def run_explainer(sess, rows: np.ndarray, batch: int = 64, prefix: str = "") -> dict[str, np.ndarray]:
+    """Run the explainer in batches: its intermediates take ~2 MB per row for 300 trees of depth 6.
+
+    ``prefix`` selects one model's outputs of an explainer that holds several (the benefit bundle's
+    ``untreated_`` / ``treated_``); the result is keyed by the unprefixed names either way."""
     names = [CONTRIBUTIONS, INPUT_CONTRIBUTIONS, BASE_VALUE, MARGIN]
+    wanted = [prefix + n for n in names]
     got = [o.name for o in sess.get_outputs()]
-    if sorted(got) != sorted(names):
-        raise ExplainerParityError(f"the explainer graph must output {names}, got {got}")
-    parts = [sess.run(names, {INPUT: rows[i : i + batch]}) for i in range(0, max(len(rows), 1), batch)]
+    if (sorted(got) != sorted(wanted)) if not prefix else not set(wanted) <= set(got):
+        raise ExplainerParityError(f"the explainer graph must output {wanted}, got {got}")
+    parts = [sess.run(wanted, {INPUT: rows[i : i + batch]}) for i in range(0, max(len(rows), 1), batch)]
     return {n: np.concatenate([np.asarray(p[k], np.float64) for p in parts]) for k, n in enumerate(names)}
 
 
@@ -400,6 +438,8 @@ def explainer_parity_gate(
     threshold_rows: int = 1500,
     single_rows: int = 5,
     seed: int = 0,
+    prefix: str = "",
+    model_margin: str = MARGIN,
 ) -> dict:
     """Explain X plus stress rows with the graph and with shap.TreeExplainer; raise on disagreement.
 
@@ -409,6 +449,9 @@ def explainer_parity_gate(
     of each contribution and of the base value against shap; additivity (base_value + Σ contributions
     = margin, with ``model``'s margin when the scoring graph is given); Σ input_contributions = Σ
     contributions. ``explainer`` and ``model`` are ModelProtos, bytes or paths.
+
+    ``prefix`` checks one model of an explainer that holds several (outputs ``prefix + name``), and
+    ``model_margin`` names the scoring graph's output holding that model's margin.
     """
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
@@ -428,10 +471,10 @@ def explainer_parity_gate(
     names = feature_names(spec)
     ref, ref_base = reference_shap(booster, transform(rows, spec), names, forest.n_rounds)
     sess = _onnx_session(explainer)
-    out = run_explainer(sess, rows)
+    out = run_explainer(sess, rows, prefix=prefix)
     single = np.arange(min(len(X), single_rows))
     for i in single:  # onnxruntime's one-row code paths
-        one = run_explainer(sess, rows[i : i + 1])
+        one = run_explainer(sess, rows[i : i + 1], prefix=prefix)
         for k in out:
             out[k] = np.concatenate([out[k], one[k]])
     ref = np.concatenate([ref, ref[single]])
@@ -442,7 +485,7 @@ def explainer_parity_gate(
     if model is not None:
         m_sess = _onnx_session(model)
         margin = np.concatenate(
-            [np.asarray(m_sess.run([MARGIN], {INPUT: r})[0], np.float64).reshape(-1)
+            [np.asarray(m_sess.run([model_margin], {INPUT: r})[0], np.float64).reshape(-1)
              for r in (rows, *[rows[i : i + 1] for i in single])]
         )  # fmt: skip
 
@@ -472,7 +515,7 @@ def explainer_parity_gate(
                 j = int(np.argmax(_abs_diff(ref[i], out[CONTRIBUTIONS][i])))
                 worst = f" on feature {names[j]}: shap {ref[i, j]!r}, onnx {out[CONTRIBUTIONS][i, j]!r}"
             raise ExplainerParityError(
-                f"explainer parity failed on {name}: max |diff| {d[i]:.3g} > {tol:g} at row {i} "
+                f"explainer parity failed on {prefix}{name}: max |diff| {d[i]:.3g} > {tol:g} at row {i} "
                 f"({kinds[i]}: {notes[i]}){worst}; {int(np.sum(d > tol))} of {len(d)} rows over tolerance",
                 report,
             )

@@ -5,6 +5,8 @@ for the graph, ``masml.guardrails`` for the cautions); this file decides their o
 It follows the risk pipeline's shape (pipelines/risk.py) and reuses its loading, population, split,
 tuning, bundle and tracking steps. When the data is a simulated cohort with its ground truth beside it
 (``NAME.truth.EXT``), the held-out benefit is also scored against the true benefit (PEHE, policy value).
+The bundle also carries ``explainer.onnx``: exact TreeSHAP of the two outcome models (not of the chosen
+benefit learner; ``masml.onnx_benefit`` says why), held to shap.TreeExplainer by its parity gate.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from masml.config import Config, ConfigError, load_config
 from masml.encoding import encode_inputs, input_spec
 from masml.features import feature_names
 from masml.io import load_dataset, read_table
-from masml.onnx_benefit import OUTPUTS, benefit_model_to_onnx, benefit_parity_gate
+from masml.onnx_benefit import (
+    EXPLAINED_ARMS,
+    OUTPUTS,
+    benefit_explainer_parity_gate,
+    benefit_explainer_to_onnx,
+    benefit_model_to_onnx,
+    benefit_parity_gate,
+)
 from masml.predict import onnx_session
 from masml.schema import TRIGGER_FAMILY
 from masml.training import TrainingDataError, select_population, split_holdout
@@ -219,6 +228,17 @@ def run_il1_benefit_pipeline(
     onnx_model = benefit_model_to_onnx(model)
     parity = benefit_parity_gate(onnx_model, model, x_test, seed=config.seed)
     log(f"{TASK}: ONNX parity max |Δ| = {parity['max_abs_diff']:.2e} over {parity['n_rows']:,} rows")
+    # ---- explainer: exact SHAP of both outcome models (and their difference), checked against shap
+    explainer, explainer_section = benefit_explainer_to_onnx(model)
+    sample = np.sort(np.random.default_rng(config.seed).choice(len(x_test), min(len(x_test), 2_000), False))
+    ex_parity = benefit_explainer_parity_gate(explainer, onnx_model, model, x_test[sample], seed=config.seed)
+    parity["explainer"] = ex_parity
+    explainer_section["parity"] = {
+        block: {k: v for k, v in ex_parity[block].items() if k != "by_kind"}
+        for block in [arm for arm, _ in EXPLAINED_ARMS] + ["difference"]
+    } | {"tol": ex_parity["tol"]}
+    shap_d, sum_d = ex_parity["max_abs_diff_contributions"], ex_parity["max_abs_diff_additivity"]
+    log(f"{TASK}: explainer parity (both outcome models) max |Δshap| = {shap_d:.2e}, additivity {sum_d:.2e}")
     rules = guardrails.benefit_guardrails(config.overlap)
     status = guardrails.evaluate(rules, test, pred)
     fired = {rule: int((status[rule] == guardrails.FIRES).sum()) for rule in status.columns}
@@ -275,9 +295,10 @@ def run_il1_benefit_pipeline(
         },
         "owner": config.owner,
         "contact": config.contact,
+        "explainer": explainer_section,
     }
     model_bytes = onnx_model.SerializeToString()
-    bundle_dir = write_bundle(out_dir, model_bytes, _finite(manifest))
+    bundle_dir = write_bundle(out_dir, model_bytes, _finite(manifest), explainer.SerializeToString())
     written = json.loads((bundle_dir / "manifest.json").read_text())
     result = BenefitRunResult(bundle_dir, written, report, parity, selection.losses)
     result.extra = {
@@ -346,6 +367,8 @@ def _track(result, config, frame, model_bytes, balance, log) -> None:
         metrics = {k: v for k, v in result.manifest["metrics"].items() if k != "guardrails_fired_test"}
         mlflow.log_metrics(tracking.flat_metrics("test", metrics))
         mlflow.log_metric("parity_max_abs_diff", result.parity["max_abs_diff"])
+        for key in ("contributions", "additivity"):
+            mlflow.log_metric(f"explainer_parity.{key}", result.parity["explainer"][f"max_abs_diff_{key}"])
         for _, row in result.selection.iterrows():
             mlflow.log_metric(f"selection.{row['learner']}.dr_loss", float(row["dr_loss"]))
         with tempfile.TemporaryDirectory() as tmp:

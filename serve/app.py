@@ -8,7 +8,9 @@ client can never cause a 500; anything unexpected is still answered as JSON and 
 Explanations (``/v1/models/{task}/explain``, ``"explain": true`` on predict, OIP ``/v2/models/{m}/explain``)
 run the bundle's ``explainer.onnx`` beside ``model.onnx`` on the same float32 matrix. Why a separate,
 smaller batch limit: the explainer's intermediates take ~2 MB per row, so a 5,000-patient explain call
-would take gigabytes; scoring stays cheap and keeps its own limit.
+would take gigabytes; scoring stays cheap and keeps its own limit. A benefit bundle's explainer explains
+its two outcome models, so each patient's explanation holds ``untreated``, ``treated`` and ``difference``
+blocks (untreated - treated, the log odds ratio); ``benefit`` itself is not decomposed.
 """
 
 from __future__ import annotations
@@ -407,7 +409,8 @@ def _explainer_of(model: Model) -> None:
                     f"the bundle of {model.task!r} version {model.version} carries no explainer.onnx, so "
                     "its predictions cannot be explained",
                     expected="a bundle whose manifest has an 'explainer' section (masml exports one with "
-                    "each risk model, and none with the il1_benefit model), or predict without explain",
+                    "every risk and il1_benefit bundle; bundles from before explanations have none), or "
+                    "predict without explain",
                 )
             ],
         )
@@ -515,14 +518,29 @@ def _shown(spec: Any, v: float) -> Any:
 
 def _explanations(model: Model, x64: np.ndarray, out: dict[str, np.ndarray], opts: ExplainOptions) -> list:
     """Per patient: base_value + Σ contributions = margin (log-odds), and the top |contribution| inputs
-    with the value used (after unit conversion) and its canonical unit."""
+    with the value used (after unit conversion) and its canonical unit.
+
+    An explainer of several models (the benefit bundle's) answers one such block per model and for their
+    difference, by block name: ``{"untreated": {...}, "treated": {...}, "difference": {...}}``."""
+    e = model.explainer
+    assert e is not None
+    if not e.multi:
+        return _explanation_block(model, x64, out, opts, "")
+    blocks = [(name, _explanation_block(model, x64, out, opts, prefix)) for name, prefix in e.blocks]
+    return [{name: items[i] for name, items in blocks} for i in range(x64.shape[0])]
+
+
+def _explanation_block(
+    model: Model, x64: np.ndarray, out: dict[str, np.ndarray], opts: ExplainOptions, prefix: str
+) -> list[dict]:
+    """One block per patient from the explainer outputs named ``prefix`` + the four names."""
     e = model.explainer
     assert e is not None
     names, specs = e.input_names, model.encoder.specs
-    ic = out["input_contributions"]
+    ic = out[prefix + "input_contributions"]
     order = np.argsort(-np.abs(ic), axis=1, kind="stable")[:, : opts.top].tolist()
-    rows, base, margin = ic.tolist(), out["base_value"].tolist(), out["margin"].tolist()
-    feats = out["contributions"].tolist() if opts.features else None
+    rows, base, margin = ic.tolist(), out[prefix + "base_value"].tolist(), out[prefix + "margin"].tolist()
+    feats = out[prefix + "contributions"].tolist() if opts.features else None
     units = [s.unit if s.kind == "numeric" else None for s in specs]
     result = []
     for i, row in enumerate(rows):
@@ -1005,7 +1023,10 @@ async def v2_infer(request: Request, state: State, ctx: dict) -> Response:
 
 
 async def v2_explain(request: Request, state: State, ctx: dict) -> Response:
-    """OIP extension: the explainer's four tensors for the ``infer`` input; columns in ``parameters``."""
+    """OIP extension: the explainer's four tensors for the ``infer`` input; columns in ``parameters``.
+
+    A benefit bundle answers the four per block, named ``untreated_*``, ``treated_*`` and ``difference_*``
+    (e.g. ``difference_margin`` = the log odds ratio), with the block names in ``parameters.blocks``."""
     model = _model(state, request.path_params["m"], ctx)
     _check_version(request, model)
     _explainer_of(model)
@@ -1019,5 +1040,11 @@ async def v2_explain(request: Request, state: State, ctx: dict) -> Response:
     _, _, explained = await _score(state, model, x64, ctx, "v2_explain", guard=False, explain=True)
     e = model.explainer
     assert e is not None and explained is not None
-    columns = {"contributions_columns": e.feature_names, "input_contributions_columns": e.input_names}
+    columns: dict[str, Any] = {
+        "contributions_columns": e.feature_names,
+        "input_contributions_columns": e.input_names,
+    }
+    if e.multi:  # tensors are "<block>_contributions", ...: say which blocks, and what they explain
+        columns["blocks"] = [name for name, _ in e.blocks]
+        columns["explains"] = e.section.get("explains")
     return _oip_response(model, req, explained, columns)

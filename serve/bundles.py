@@ -5,7 +5,9 @@ it is listed with its reason and the rest keep serving. Why an immutable snapsho
 ``Snapshot`` beside the old one and replaces one reference, so a request in flight always sees one
 consistent set of models, never a half-loaded one. The explainer (``explainer.onnx``, exact TreeSHAP of
 the margin, docs/architecture.md §5) belongs to its ``Model``, so it is swapped with it: an explanation
-is never computed by another version's trees than the risk it explains.
+is never computed by another version's trees than the risk it explains. A benefit bundle's explainer
+holds several *blocks* (``manifest["explainer"]["blocks"]``: the untreated and treated outcome models and
+their difference), each the same four outputs under a name prefix; a risk bundle's has one, unprefixed.
 """
 
 from __future__ import annotations
@@ -47,16 +49,26 @@ class Explainer:
     feature_names: list[str]  # columns of ``contributions``
     input_names: list[str]  # columns of ``input_contributions``: the manifest inputs, in matrix order
     section: dict  # manifest["explainer"]
+    blocks: list[tuple[str, str]] = field(default_factory=lambda: [("", "")])  # (name, output prefix)
+    chunk_rows: int = EXPLAIN_CHUNK_ROWS
+
+    @property
+    def output_names(self) -> list[str]:
+        return [prefix + o for _, prefix in self.blocks for o in EXPLAINER_OUTPUTS]
+
+    @property
+    def multi(self) -> bool:
+        """True for an explainer of several models (the benefit bundle's), answered block by block."""
+        return self.blocks != [("", "")]
 
     def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
-        """The four outputs for ``x32`` [N, K], run in chunks of EXPLAIN_CHUNK_ROWS rows (memory)."""
-        parts = [
-            self.session.run(list(EXPLAINER_OUTPUTS), {self.input_name: x32[i : i + EXPLAIN_CHUNK_ROWS]})
-            for i in range(0, x32.shape[0], EXPLAIN_CHUNK_ROWS)
-        ]
+        """Every output for ``x32`` [N, K], run in chunks of ``chunk_rows`` rows (memory)."""
+        names, step = self.output_names, self.chunk_rows
+        rows = range(0, x32.shape[0], step)
+        parts = [self.session.run(names, {self.input_name: x32[i : i + step]}) for i in rows]
         if len(parts) == 1:
-            return {k: np.asarray(v) for k, v in zip(EXPLAINER_OUTPUTS, parts[0], strict=True)}
-        return {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(EXPLAINER_OUTPUTS)}
+            return {k: np.asarray(v) for k, v in zip(names, parts[0], strict=True)}
+        return {k: np.concatenate([p[j] for p in parts]) for j, k in enumerate(names)}
 
 
 @dataclass
@@ -117,13 +129,20 @@ def _explainer_summary(e: Explainer | None) -> dict | None:
     if e is None:
         return None
     sec = e.section
-    return {
+    out = {
         "sha256": e.sha256,
         "method": sec.get("method"),
         "base_value_meaning": sec.get("base_value_meaning"),
         "attribution_rule": (sec.get("attribution") or {}).get("rule"),
         "feature_names": e.feature_names,
     }
+    if e.multi:  # what is explained (e.g. the outcome models, not the benefit learner) and each block
+        out["explains"] = sec.get("explains")
+        out["blocks"] = [
+            {k: b.get(k) for k in ("name", "explains", "of", "meaning") if b.get(k) is not None}
+            for b in sec["blocks"]
+        ]
+    return out
 
 
 def _metrics_summary(metrics: dict) -> dict:
@@ -194,26 +213,60 @@ def load_explainer(bundle: Path, section: Any, input_names: list[str]) -> Explai
             f"manifest explainer input_names {inputs!r} must equal the manifest inputs {input_names} "
             "and feature_names must be a list"
         )
+    blocks = _explainer_blocks(section.get("blocks"))
     try:
         session = session_for(data)
     except Exception as err:  # onnxruntime raises its own exception types for a corrupt graph
         raise BundleRefused(f"onnxruntime cannot load {name}: {err}") from None
     graph_in = session.get_inputs()
     shapes = {o.name: o.shape for o in session.get_outputs()}
-    widths = {"contributions": len(features), "input_contributions": len(inputs)}
+    expected = [prefix + o for _, prefix in blocks for o in EXPLAINER_OUTPUTS]
+    widths = {
+        prefix + o: w
+        for _, prefix in blocks
+        for o, w in (("contributions", len(features)), ("input_contributions", len(inputs)))
+    }
     if (
         len(graph_in) != 1
         or graph_in[0].type != "tensor(float)"
         or graph_in[0].shape[-1] != len(inputs)
-        or any(o not in shapes for o in EXPLAINER_OUTPUTS)
+        or any(o not in shapes for o in expected)
         or any(shapes[o][-1] != w for o, w in widths.items())
     ):
         raise BundleRefused(
             f"{name} takes {[(i.name, i.shape) for i in graph_in]} and gives {shapes}, but the manifest "
-            f"describes one float32 [N, {len(inputs)}] input and outputs {list(EXPLAINER_OUTPUTS)} "
+            f"describes one float32 [N, {len(inputs)}] input and outputs {expected} "
             f"with {len(features)} feature and {len(inputs)} input columns"
         )
-    return Explainer(session, graph_in[0].name, digest, [str(f) for f in features], list(inputs), section)
+    # several explained models hold several models' intermediates per row: fewer rows per run
+    models = sum(1 for b in (section.get("blocks") or [{}]) if not b.get("of"))
+    return Explainer(
+        session, graph_in[0].name, digest, [str(f) for f in features], list(inputs), section, blocks,
+        max(1, EXPLAIN_CHUNK_ROWS // max(1, models)),
+    )  # fmt: skip
+
+
+def _explainer_blocks(blocks: Any) -> list[tuple[str, str]]:
+    """(name, output prefix) of each block of ``manifest["explainer"]["blocks"]``; one unnamed, unprefixed
+    block when the manifest has none (a risk bundle)."""
+    if blocks is None:
+        return [("", "")]
+    if (
+        not isinstance(blocks, list)
+        or not blocks
+        or not all(
+            isinstance(b, dict) and isinstance(b.get("name"), str) and b["name"]
+            and isinstance(b.get("prefix"), str) and b["prefix"]
+            for b in blocks
+        )
+        or len({b["name"] for b in blocks}) != len(blocks)
+        or len({b["prefix"] for b in blocks}) != len(blocks)
+    ):  # fmt: skip
+        raise BundleRefused(
+            "manifest explainer 'blocks' must be a non-empty list of objects with distinct non-empty "
+            "'name' and 'prefix' strings (docs/architecture.md §5)"
+        )
+    return [(b["name"], b["prefix"]) for b in blocks]
 
 
 def load_model(bundle: Path, previous: Model | None = None) -> Model:

@@ -47,6 +47,23 @@ BENEFIT_DESCRIPTIONS = {
 }
 
 
+# What a benefit bundle's explanation is (masml/onnx_benefit.py says why): the two outcome models, and the
+# difference of their log-odds; never the chosen benefit learner, and never `benefit` decomposed.
+BENEFIT_EXPLANATION_TEXT = (
+    "a benefit model's explanation: exact TreeSHAP of its two outcome models (the models behind "
+    "risk_untreated and risk_treated), not of the chosen benefit learner (e.g. dr_ridge), in log-odds before "
+    "calibration. 'difference' = untreated - treated, input by input: its contributions add up to "
+    "margin_untreated - margin_treated, the log odds ratio of death within 28 days without vs with IL-1 "
+    "blockade. 'benefit' is a risk difference on the probability scale and is not additively decomposed"
+)
+BLOCK_TEXT = {
+    "untreated": "the untreated-arm outcome model (risk_untreated is its calibration of this margin)",
+    "treated": "the treated-arm outcome model (risk_treated is its calibration of this margin)",
+    "difference": "untreated - treated: contributions, base_value and margin are the untreated block's "
+    "minus the treated block's; margin = the log odds ratio (> 0: fewer deaths expected with treatment)",
+}
+
+
 def _ref(name: str) -> dict:
     return {"$ref": REF + name}
 
@@ -180,7 +197,8 @@ def _common_schemas() -> dict:
                 "predictions": {"type": "array", "items": _ref("Prediction")},
                 "explainer": {
                     "type": "object",
-                    "description": "present when explained: the explainer's sha256 and the units",
+                    "description": "present when explained: the explainer's sha256 and the units (for a "
+                    "benefit model, of each outcome model's margin; see BenefitExplanation)",
                     "properties": {"sha256": {"type": "string"}, "units": {"type": "string"}},
                 },
             },
@@ -200,6 +218,20 @@ def _common_schemas() -> dict:
             },
         },
         "Explanation": {
+            "oneOf": [_ref("ExplanationBlock"), _ref("BenefitExplanation")],
+            "description": "a risk model's explanation (ExplanationBlock), or a benefit model's "
+            "(BenefitExplanation: untreated, treated and difference blocks)",
+        },
+        "BenefitExplanation": {
+            "type": "object",
+            "required": ["untreated", "treated", "difference"],
+            "description": BENEFIT_EXPLANATION_TEXT,
+            "properties": {
+                name: {"allOf": [_ref("ExplanationBlock")], "description": text}
+                for name, text in BLOCK_TEXT.items()
+            },
+        },
+        "ExplanationBlock": {
             "type": "object",
             "required": ["base_value", "margin", "contributions", "top"],
             "description": "exact path-dependent TreeSHAP of the margin: base_value + Σ contributions = "
@@ -349,7 +381,12 @@ def _common_schemas() -> dict:
                     "description": "the requested outputs (default: all); for a bundle with guardrails, "
                     f"infer also gives {GUARDRAILS_TENSOR}",
                 },
-                "parameters": {"type": "object", "description": "explain: the columns of each matrix"},
+                "parameters": {
+                    "type": "object",
+                    "description": "explain: the columns of each matrix (contributions_columns, "
+                    "input_contributions_columns); for a benefit model also 'blocks' (untreated, treated, "
+                    "difference: the tensor name prefixes) and 'explains'",
+                },
             },
         },
         "ModelMetadata": {
@@ -537,10 +574,18 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
                 ),
             }
         }
+        multi = m.explainer is not None and m.explainer.multi
+        explained = (
+            f"predict and explain with {task}: per patient untreated, treated and difference blocks, each "
+            "with base_value, contributions per input, margin and the top contributors. "
+            + BENEFIT_EXPLANATION_TEXT
+            if multi
+            else f"predict and explain with {task}: per patient base_value, contributions per input, margin "
+            "and the top contributors (exact TreeSHAP of the margin)"
+        )
         paths[f"/v1/models/{task}/explain"] = {
             "post": {
-                "summary": f"predict and explain with {task}: per patient base_value, contributions per "
-                "input, margin and the top contributors (exact TreeSHAP of the margin)",
+                "summary": explained,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref(f"ExplainRequest_{task}")}},
@@ -575,10 +620,14 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
                 "responses": _resp("InferResponse", "ok", (400, 401, 404, 413), True),
             }
         }
+        tensors = "contributions [N, F], input_contributions [N, K], base_value [N], margin [N]"
+        if multi:
+            blocks = ", ".join(f"{p}*" for _, p in m.explainer.blocks)  # type: ignore[union-attr]
+            tensors = f"for each block ({blocks}): {tensors}, e.g. difference_margin [N] = the log odds ratio"
         paths[f"/v2/models/{task}/explain"] = {
             "post": {
-                "summary": "OIP extension: the infer input; outputs contributions [N, F], "
-                "input_contributions [N, K], base_value [N], margin [N] (columns in parameters)",
+                "summary": f"OIP extension: the infer input; outputs {tensors} (columns in parameters)"
+                + (f". {BENEFIT_EXPLANATION_TEXT}" if multi else ""),
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("InferRequest")}},

@@ -325,6 +325,61 @@ def test_export_passed_the_parity_gate_on_missing_and_threshold_rows(run):
     assert run.parity["by_kind"]["missing"] > 0 and run.parity["by_kind"]["threshold"] > 0
 
 
+def test_bundle_carries_the_outcome_models_explainer(run):
+    """explainer.onnx (sha256 checked by read_bundle) is the outcome models' explainer rebuilt from the
+    run's model, byte for byte, and passed its gate on both models and on the difference block."""
+    from masml.bundle import read_bundle
+    from masml.onnx_benefit import benefit_explainer_to_onnx
+
+    manifest, _ = read_bundle(run.bundle_dir)
+    ex = manifest["explainer"]
+    model = run.extra["model"]
+    graph, section = benefit_explainer_to_onnx(model)
+    assert (run.bundle_dir / ex["file"]).read_bytes() == graph.SerializeToString()
+    assert {k: v for k, v in ex.items() if k not in ("sha256", "parity")} == json.loads(json.dumps(section))
+    gate = run.parity["explainer"]
+    for arm in ("untreated", "treated"):
+        assert (
+            gate[arm]["max_abs_diff_contributions"] <= 1e-4 and gate[arm]["max_abs_diff_additivity"] <= 1e-4
+        )
+        assert gate[arm]["n_missing_rows"] > 0 and gate[arm]["max_abs_diff_margin_vs_model"] == 0.0
+    assert (
+        gate["difference"]["max_abs_diff_margin"] == 0.0
+        and gate["difference"]["max_abs_diff_additivity"] <= 1e-4
+    )
+    assert f"not the chosen benefit learner ({model.learner})" in ex["explains"]
+
+
+def test_benefit_explainer_gate_fails_on_a_tampered_table(run):
+    """One outcome model's TreeSHAP table changed by 1 % in a few entries: the export gate refuses it,
+    naming the block; the untampered graph passes the same gate."""
+    import onnx
+    from onnx import numpy_helper
+
+    from masml.onnx_benefit import (
+        benefit_explainer_parity_gate,
+        benefit_explainer_to_onnx,
+        benefit_model_to_onnx,
+    )
+    from masml.shap_export import ExplainerParityError
+
+    model = run.extra["model"]
+    scorer = benefit_model_to_onnx(model)
+    good, _ = benefit_explainer_to_onnx(model)
+    x = run.extra["x_test"][:100]
+    benefit_explainer_parity_gate(good, scorer, model, x, threshold_rows=200)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    for k, init in enumerate(bad.graph.initializer):
+        if init.name == "treated_shap_table":
+            table = numpy_helper.to_array(init).copy()
+            table[::7] *= np.float32(1.01)
+            bad.graph.initializer[k].CopyFrom(numpy_helper.from_array(table, init.name))
+    with pytest.raises(ExplainerParityError, match="explainer parity failed on treated_contributions") as err:
+        benefit_explainer_parity_gate(bad, scorer, model, x, threshold_rows=200)
+    assert err.value.report["untreated"]["max_abs_diff_contributions"] <= 1e-4  # the untouched block passed
+
+
 def test_predict_writes_benefit_risks_and_guardrails_from_the_bundle(run, workspace):
     out = workspace["tmp"] / "pred.csv"
     r = subprocess.run(
@@ -515,6 +570,8 @@ def test_same_data_config_and_seed_give_an_identical_graph(run, workspace, tmp_p
         track=False,
     )
     assert (tmp_path / "again" / "model.onnx").read_bytes() == (run.bundle_dir / "model.onnx").read_bytes()
+    again_explainer = (tmp_path / "again" / "explainer.onnx").read_bytes()
+    assert again_explainer == (run.bundle_dir / "explainer.onnx").read_bytes()
     assert again.manifest["metrics"] == run.manifest["metrics"]
 
 

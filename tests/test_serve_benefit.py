@@ -7,9 +7,14 @@ including ``outside_overlap``, which reads the graph's ``propensity``), the same
 Inference Protocol and MLflow's /invocations, and the same guardrails there as REST predict gives (issue 4:
 returned with every prediction): a ``guardrails`` record field in /invocations, a BYTES ``guardrails``
 tensor in OIP (tritonclient, binary and JSON), absent for a risk bundle; the model listing with each
-rule's ``kind``, the OpenAPI document of those fields, the 409 of an explain call on a bundle without an
-explainer, and that every text describing ``benefit`` says what it is: the chosen learner's estimate, not
-``risk_untreated - risk_treated``.
+rule's ``kind``, the OpenAPI document of those fields, and that every text describing ``benefit`` says
+what it is: the chosen learner's estimate, not ``risk_untreated - risk_treated``.
+
+Explanations (issue 6): the bundle's explainer explains its two outcome models. Each block the service
+answers is held to ``shap.TreeExplainer`` on the outcome boosters themselves (kept by the fixture), the
+``difference`` block to untreated - treated, the margins to the ones ``model.onnx`` calibrates into
+``risk_untreated`` / ``risk_treated``, and the OIP tensors to REST; plus the batch limit, client mistakes,
+the 409 of a bundle without an explainer, and the texts saying ``benefit`` itself is not decomposed.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from test_serve_support import (
     call,
     copy_bundle,
     patients_from_frame,
+    post_raw,
+    tiny_benefit_boosters,
     tiny_benefit_bundle,
     tiny_bundle,
 )
 
 from masml import guardrails
+from masml.bundle import sha256_bytes
 from masml.encoding import encode_inputs
 from masml.io import load_dataset
 from masml.predict import predict_frame
@@ -37,6 +45,10 @@ from masml.schema import INPUT_NAMES
 TASK = "il1_benefit"
 OUTPUTS = ["benefit", "risk_untreated", "risk_treated", "propensity"]
 RULES = ["parasitic_or_fungal_trigger", "malignancy_trigger", "outside_overlap", "icu_level_severity"]
+BLOCKS = ["untreated", "treated", "difference"]  # explanation blocks, in order (= OIP tensor prefixes)
+ARMS = ["untreated", "treated"]  # the explained outcome models
+PARTS = ["contributions", "input_contributions", "base_value", "margin"]  # each block's tensors
+MAX_EXPLAIN = 40
 ICU_FIELDS = ("cns_dysfunction", "hemorrhage", "platelets", "albumin", "mean_arterial_pressure", "lactate")
 
 
@@ -210,7 +222,7 @@ def test_oip_infer_and_invocations_give_the_same_numbers(bundle, cohort, scored,
     assert meta["outputs"] == [{"name": o, "datatype": "FP32", "shape": [-1]} for o in OUTPUTS] + [
         {"name": "guardrails", "datatype": "BYTES", "shape": [-1]}
     ]
-    assert meta["parameters"]["explainer"] is False
+    assert meta["parameters"]["explainer"] is True
     assert "same list as REST predict" in meta["parameters"]["guardrails_output"]
     inp = th.InferInput("inputs", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
@@ -391,7 +403,10 @@ def test_model_list_shows_outputs_and_guardrails(server, manifest):
     st, _, body = call("GET", server.url("/v1/models"))
     assert st == 200 and body["refused"] == []
     (m,) = body["models"]
-    assert m["task"] == TASK and m["sha256"] == manifest["model_sha256"] and m["explainer"] is None
+    assert m["task"] == TASK and m["sha256"] == manifest["model_sha256"]
+    assert m["explainer"]["sha256"] == manifest["explainer"]["sha256"]
+    assert [b["name"] for b in m["explainer"]["blocks"]] == BLOCKS
+    assert f"not the chosen benefit learner ({manifest['method']['learner']})" in m["explainer"]["explains"]
     assert m["outputs"] == manifest["outputs"] and [o["name"] for o in m["outputs"]] == OUTPUTS
     assert m["guardrails"] == [
         {"id": r["id"], "message": r["message"], "source": r["source"], "kind": r["kind"]}
@@ -402,28 +417,6 @@ def test_model_list_shows_outputs_and_guardrails(server, manifest):
     assert by_id["outside_overlap"] == "caution" and by_id["icu_level_severity"] == "context"
     assert call("GET", server.url(f"/v1/models/{TASK}"))[2] == m
     assert "BLOCKED IMPORT" not in server.stderr()
-
-
-def test_explain_on_the_benefit_model_is_409_with_a_clear_message(server, manifest):
-    patient = {"age_years": 30, "sex": "M", "trigger": "sjia", "ferritin": 9000}
-    for path, body in (
-        (f"/v1/models/{TASK}/explain", {"patients": [patient]}),
-        (f"/v1/models/{TASK}/predict", {"patients": [patient], "explain": True}),
-    ):
-        st, _, resp = call("POST", server.url(path), body)
-        assert st == 409, resp
-        assert resp["error"].startswith(f"model '{TASK}'") and "has no explainer" in resp["error"]
-        (p,) = resp["problems"]
-        assert p["kind"] == "no_explainer" and p["field"] == "path.model"
-        assert "explainer.onnx" in p["message"] and "predict without explain" in p["expected"]
-        assert "none with the il1_benefit model" in p["expected"]
-    k = len(manifest["inputs"])
-    x = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, k], "data": [None] * k}]}
-    st, _, resp = call("POST", server.url(f"/v2/models/{TASK}/explain"), x)
-    assert st == 409 and "has no explainer" in resp["error"]
-    # the model itself still predicts
-    st, _, resp = call("POST", server.url(f"/v1/models/{TASK}/predict"), {"patients": [patient]})
-    assert st == 200 and set(OUTPUTS) <= set(resp["predictions"][0])
 
 
 def test_texts_say_benefit_is_the_chosen_learners_estimate(server, manifest):
@@ -452,3 +445,273 @@ def test_benefit_is_not_the_difference_of_the_risks_unless_the_t_learner_is_chos
         assert gap.max() <= 1e-6
     else:
         assert gap.max() > 1e-3, (learner, float(gap.max()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Explanations: the two outcome models and their difference
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explain_server(bundle, tmp_path_factory):
+    """The benefit bundle (with its explainer) and a copy without one ("plain"); explain calls capped at
+    MAX_EXPLAIN patients."""
+    models = tmp_path_factory.mktemp("benefit_explain") / "models"
+    copy_bundle(bundle[1] / TASK, models / TASK)
+    plain = copy_bundle(bundle[1] / TASK, models / "plain", task="plain", explainer=None)
+    (plain / "explainer.onnx").unlink()
+    s = Server(models, "--max-explain-batch", str(MAX_EXPLAIN))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def explained(explain_server, cohort, manifest):
+    """One REST explain call at the batch limit: cohort patients (missing values left out) and hand-made
+    edge patients (all ICU fields missing, guarded triggers); every input in ``top``, feature view on."""
+    frame, n_cohort, _ = cohort
+    rows = pd.concat([frame.head(MAX_EXPLAIN - 10), frame.iloc[n_cohort : n_cohort + 10]], ignore_index=True)
+    k = len(manifest["inputs"])
+    body = {"patients": patients_from_frame(rows), "top": k, "features": True}
+    st, _, resp = call("POST", explain_server.url(f"/v1/models/{TASK}/explain"), body)
+    assert st == 200, resp
+    x = encode_inputs(rows, [i["name"] for i in manifest["inputs"]])
+    assert np.isnan(x).any()
+    return resp, x
+
+
+def _matrix(resp: dict, block: str, key: str, columns: list[str]) -> np.ndarray:
+    """One block's per-input (``contributions``) or per-feature view as float32 [N, columns]."""
+    rows = [p["explanation"][block][key] for p in resp["predictions"]]
+    return np.array([[r[c] for c in columns] for r in rows], dtype=np.float32)
+
+
+def _vector(resp: dict, block: str, key: str) -> np.ndarray:
+    return np.array([p["explanation"][block][key] for p in resp["predictions"]], dtype=np.float32)
+
+
+def test_manifest_describes_the_outcome_models_explainer(bundle, manifest):
+    ex = manifest["explainer"]
+    assert ex["sha256"] == sha256_bytes((bundle[1] / TASK / ex["file"]).read_bytes())
+    assert [b["name"] for b in ex["blocks"]] == BLOCKS and [b["prefix"] for b in ex["blocks"]] == [
+        f"{b}_" for b in BLOCKS
+    ]
+    assert [b["explains"] for b in ex["blocks"][:2]] == ["risk_untreated", "risk_treated"]
+    assert [o["name"] for o in ex["outputs"]] == [f"{b}_{p}" for b in BLOCKS for p in PARTS]
+    learner = manifest["method"]["learner"]
+    assert ex["benefit_learner"] == learner
+    assert f"not the chosen benefit learner ({learner})" in ex["explains"]
+    assert "not additively decomposed" in ex["explains"] and "difference of probabilities" in ex["explains"]
+    assert "margin_untreated - margin_treated" in ex["blocks"][2]["meaning"]
+    for arm in ARMS:  # the export gate's figures: shap within 1e-4, additivity on every row
+        gate = ex["parity"][arm]
+        assert gate["max_abs_diff_contributions"] <= 1e-4 and gate["max_abs_diff_additivity"] <= 1e-4
+        assert gate["n_missing_rows"] > 0 and gate["n_threshold_rows"] > 0
+        assert gate["max_abs_diff_margin_vs_model"] == 0.0  # model.onnx's own tree sum
+    assert ex["parity"]["difference"]["max_abs_diff_contributions"] == 0.0
+
+
+def test_each_outcome_model_block_equals_shap_on_its_booster(
+    explained, explain_server, manifest, tmp_path_factory
+):
+    """untreated / treated: feature contributions = shap.TreeExplainer on the outcome booster (the very
+    boosters the bundle was exported from), within 1e-4, on rows with missing values; base + Σ = margin."""
+    import xgboost as xgb
+
+    from masml.features import feature_names, feature_spec, transform
+    from masml.onnx_export import used_rounds
+    from masml.shap_export import attribution_map, reference_shap
+
+    resp, x = explained
+    assert "BLOCKED IMPORT" not in explain_server.stderr()
+    ex = manifest["explainer"]
+    inputs, features = ex["input_names"], ex["feature_names"]
+    spec = feature_spec(inputs)  # the benefit model's spec (masml.causal)
+    assert feature_names(spec) == features
+    k = len(inputs)
+    for p in resp["predictions"]:  # the usual answer (outputs, guardrails) plus the three blocks
+        assert set(OUTPUTS) <= set(p) and [g["id"] for g in p["guardrails"]] == RULES
+        assert list(p["explanation"]) == BLOCKS
+        for block in BLOCKS:
+            e = p["explanation"][block]
+            assert list(e) == ["base_value", "margin", "contributions", "top", "feature_contributions"]
+            assert len(e["top"]) == k
+    boosters = tiny_benefit_boosters(tmp_path_factory)
+    amap = attribution_map(spec, k)
+    for arm in ARMS:
+        booster = xgb.Booster(model_file=str(boosters[arm]))
+        ref, ref_base = reference_shap(booster, transform(x, spec), features, used_rounds(booster))
+        got = _matrix(resp, arm, "feature_contributions", features).astype(np.float64)
+        got_in = _matrix(resp, arm, "contributions", inputs).astype(np.float64)
+        base, margin = _vector(resp, arm, "base_value"), _vector(resp, arm, "margin")
+        assert np.abs(got - ref).max() <= 1e-4, arm
+        assert np.abs(base - ref_base).max() <= 1e-4, arm
+        assert np.abs(base + got.sum(axis=1) - margin).max() <= 1e-4, arm
+        assert np.abs(base + got_in.sum(axis=1) - margin).max() <= 1e-4, arm
+        np.testing.assert_allclose(got_in, got @ amap, rtol=0, atol=1e-5)  # inputs credited by the map
+        xgb_margin = booster.inplace_predict(transform(x, spec), predict_type="margin")
+        assert np.abs(margin - xgb_margin).max() <= 1e-5, arm  # xgboost's own margin of the same rows
+
+
+def test_difference_block_is_untreated_minus_treated(explained, manifest):
+    resp, _ = explained
+    ex = manifest["explainer"]
+    for key, cols in (("contributions", ex["input_names"]), ("feature_contributions", ex["feature_names"])):
+        u, t, d = (_matrix(resp, b, key, cols) for b in BLOCKS)
+        np.testing.assert_array_equal(d, u - t)  # one float32 subtraction per value, in the graph
+    for key in ("base_value", "margin"):
+        u, t, d = (_vector(resp, b, key) for b in BLOCKS)
+        np.testing.assert_array_equal(d, u - t)
+    d_in = _matrix(resp, "difference", "contributions", ex["input_names"]).astype(np.float64)
+    d_base, d_margin = _vector(resp, "difference", "base_value"), _vector(resp, "difference", "margin")
+    assert np.abs(d_base + d_in.sum(axis=1) - d_margin).max() <= 1e-4  # adds up to the log odds ratio
+    for p in resp["predictions"]:
+        e = p["explanation"]["difference"]
+        mags = [abs(t["contribution"]) for t in e["top"]]
+        assert mags == sorted(mags, reverse=True)
+        assert all(t["contribution"] == e["contributions"][t["input"]] for t in e["top"])
+
+
+def test_margins_are_what_model_onnx_calibrates_into_the_two_risks(explained, bundle, manifest):
+    """Calibration comes after the margin, so sigmoid(margin) is not the risk; what holds: each block's
+    margin is the tree sum model.onnx calibrates into that risk (bit for bit), and the risk is a
+    non-decreasing function of it (a Platt block: exactly sigmoid(a * margin + b))."""
+    import onnx
+    from onnx import numpy_helper
+
+    from masml.onnx_benefit import with_outputs
+    from masml.predict import onnx_session
+
+    resp, x = explained
+    graph = onnx.load(str(bundle[1] / TASK / "model.onnx"))
+    names = [f"{arm}_margin" for arm in ARMS]
+    inner = onnx_session(with_outputs(graph, names).SerializeToString()).run(names, {"inputs": x})
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    calibration = {b["name"]: b["calibration"] for b in manifest["explainer"]["blocks"][:2]}
+    for arm, model_margin in zip(ARMS, inner, strict=True):
+        margin = _vector(resp, arm, "margin")
+        np.testing.assert_array_equal(margin, np.asarray(model_margin).reshape(-1))
+        risk = np.array([p[f"risk_{arm}"] for p in resp["predictions"]])
+        order = np.argsort(margin, kind="stable")
+        assert np.all(np.diff(risk[order]) >= 0), arm
+        if calibration[arm] == "platt":
+            a, b = float(consts[f"{arm}_platt_a"]), float(consts[f"{arm}_platt_b"])
+            expected = 1 / (1 + np.exp(-(a * margin.astype(np.float64) + b)))
+            assert np.abs(risk - expected).max() <= 1e-6, arm
+
+
+def test_oip_explain_tensors_equal_rest(explained, explain_server, manifest):
+    import tritonclient.http as th
+
+    resp, x = explained
+    ex = manifest["explainer"]
+    url = explain_server.url(f"/v2/models/{TASK}/explain")
+    inp = th.InferInput("inputs", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    body, header_len = th.InferenceServerClient.generate_request_body([inp], request_id="b-1")
+    st, hdrs, raw = post_raw(url, body, header_len)
+    assert st == 200, raw
+    res = th.InferenceServerClient.parse_response_body(
+        raw, header_length=hdrs.get("inference-header-content-length")
+    )
+    out = res.get_response()
+    assert out["id"] == "b-1" and [o["name"] for o in out["outputs"]] == [
+        f"{b}_{p}" for b in BLOCKS for p in PARTS
+    ]
+    params = out["parameters"]
+    assert params["blocks"] == BLOCKS and params["input_contributions_columns"] == ex["input_names"]
+    assert params["contributions_columns"] == ex["feature_names"]
+    assert "not the chosen benefit learner" in params["explains"]
+    for b in BLOCKS:
+        np.testing.assert_array_equal(
+            res.as_numpy(f"{b}_input_contributions"), _matrix(resp, b, "contributions", ex["input_names"])
+        )
+        np.testing.assert_array_equal(
+            res.as_numpy(f"{b}_contributions"), _matrix(resp, b, "feature_contributions", ex["feature_names"])
+        )
+        for part in ("base_value", "margin"):
+            np.testing.assert_array_equal(res.as_numpy(f"{b}_{part}"), _vector(resp, b, part))
+    # JSON, missing values as null, one named output
+    nulls = [[None if np.isnan(v) else float(v) for v in row] for row in x[:3]]
+    req = {
+        "inputs": [{"name": "inputs", "datatype": "FP32", "shape": [3, x.shape[1]], "data": nulls}],
+        "outputs": [{"name": "difference_margin"}],
+    }
+    st, _, got = call("POST", url, req)
+    assert st == 200, got
+    (o,) = got["outputs"]
+    assert o["name"] == "difference_margin" and o["shape"] == [3]
+    np.testing.assert_array_equal(
+        np.array(o["data"], dtype=np.float32), _vector(resp, "difference", "margin")[:3]
+    )
+    assert call("GET", explain_server.url(f"/v2/models/{TASK}"))[2]["parameters"]["explainer"] is True
+
+
+def test_explain_limits_and_client_mistakes_are_4xx(explain_server, explained, manifest):
+    """The explain batch limit on every route, bad options and outputs, and a bundle without explainer:
+    client errors with a reason, never a 500; the benefit model still predicts beside them."""
+    patient = {"age_years": 30, "sex": "M", "trigger": "sjia", "ferritin": 9000}
+    k = len(manifest["inputs"])
+    v1 = explain_server.url(f"/v1/models/{TASK}/explain")
+    big = [patient] * (MAX_EXPLAIN + 1)
+    st, _, resp = call("POST", v1, {"patients": big})
+    assert st == 413 and resp["problems"][0]["kind"] == "explain_batch_too_large", resp
+    predict = explain_server.url(f"/v1/models/{TASK}/predict")
+    assert call("POST", predict, {"patients": big, "explain": True})[0] == 413
+    assert call("POST", predict, {"patients": big})[0] == 200
+    tensor = {
+        "name": "inputs",
+        "datatype": "FP32",
+        "shape": [MAX_EXPLAIN + 1, k],
+        "data": [0.0] * ((MAX_EXPLAIN + 1) * k),
+    }
+    v2 = explain_server.url(f"/v2/models/{TASK}/explain")
+    st, _, resp = call("POST", v2, {"inputs": [tensor]})
+    assert st == 413 and f"limit of {MAX_EXPLAIN}" in resp["error"]
+    for bad in ({"top": 0}, {"top": k + 1}, {"features": "yes"}, {"explain": True}):
+        st, _, resp = call("POST", v1, {"patients": [patient], **bad})
+        assert st == 422, (bad, resp)
+    row = [None if np.isnan(v) else float(v) for v in explained[1][0]]
+    one = {"name": "inputs", "datatype": "FP32", "shape": [1, k], "data": row}
+    st, _, resp = call("POST", v2, {"inputs": [one], "outputs": [{"name": "margin"}]})
+    assert st == 400 and "difference_margin" in resp["error"], resp  # the error lists what exists
+    # with explain: true on predict, the same blocks as the explain route
+    st, _, resp = call("POST", predict, {"patients": [patient], "explain": True, "top": 2})
+    assert st == 200 and list(resp["predictions"][0]["explanation"]) == BLOCKS, resp
+    assert all(len(b["top"]) == 2 for b in resp["predictions"][0]["explanation"].values())
+    assert resp["predictions"][0] == call("POST", v1, {"patients": [patient], "top": 2})[2]["predictions"][0]
+    # a benefit bundle without explainer.onnx: 409, and it still predicts
+    for path, body in (
+        ("/v1/models/plain/explain", {"patients": [patient]}),
+        ("/v1/models/plain/predict", {"patients": [patient], "explain": True}),
+        ("/v2/models/plain/explain", {"inputs": [one]}),
+    ):
+        st, hdrs, resp = call("POST", explain_server.url(path), body)
+        assert st == 409 and hdrs["content-type"].startswith("application/json"), resp
+        assert "has no explainer" in resp["error"]
+        if "problems" in resp:
+            (p,) = resp["problems"]
+            assert p["kind"] == "no_explainer" and "bundles from before explanations" in p["expected"]
+    st, _, resp = call("POST", explain_server.url("/v1/models/plain/predict"), {"patients": [patient]})
+    assert st == 200 and "explanation" not in resp["predictions"][0]
+    assert "internal error" not in explain_server.stderr()
+
+
+def test_openapi_says_what_a_benefit_explanation_is(explain_server):
+    spec = call("GET", explain_server.url("/openapi.json"))[2]
+    schemas = spec["components"]["schemas"]
+    assert schemas["Prediction"]["properties"]["explanation"]["$ref"].endswith("/Explanation")
+    assert {r["$ref"].split("/")[-1] for r in schemas["Explanation"]["oneOf"]} == {
+        "ExplanationBlock",
+        "BenefitExplanation",
+    }
+    benefit = schemas["BenefitExplanation"]
+    assert benefit["required"] == BLOCKS
+    for text in (benefit["description"], spec["paths"][f"/v1/models/{TASK}/explain"]["post"]["summary"]):
+        assert "not of the chosen benefit learner" in text
+        assert "probability scale and is not additively decomposed" in text
+        assert "margin_untreated - margin_treated" in text
+    assert "untreated - treated" in benefit["properties"]["difference"]["description"]
+    oip = spec["paths"][f"/v2/models/{TASK}/explain"]["post"]["summary"]
+    assert "untreated_*, treated_*, difference_*" in oip and "difference_margin" in oip
+    assert "untreated" not in spec["paths"]["/v2/models/plain/explain"]["post"]["summary"]

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_serve_support import Server, call, copy_bundle, patients_from_frame, tiny_bundle
+from test_serve_support import Server, call, copy_bundle, patients_from_frame, post_raw, tiny_bundle
 
 from masml.encoding import encode_inputs
 from masml.io import load_dataset
@@ -187,7 +187,7 @@ def test_open_inference_protocol_explain(server, reference):
     outs = [th.InferRequestedOutput(n, binary_data=True) for n in ("contributions", "input_contributions")]
     outs += [th.InferRequestedOutput(n, binary_data=False) for n in ("base_value", "margin")]
     body, header_len = th.InferenceServerClient.generate_request_body([inp], outs, request_id="e-1")
-    st, hdrs, raw = _post_raw(server.url("/v2/models/onset/explain"), body, header_len)
+    st, hdrs, raw = post_raw(server.url("/v2/models/onset/explain"), body, header_len)
     assert st == 200, raw
     res = th.InferenceServerClient.parse_response_body(
         raw, header_length=hdrs.get("inference-header-content-length")
@@ -213,22 +213,6 @@ def test_open_inference_protocol_explain(server, reference):
     assert st == 400 and set(resp) == {"error"}
     assert call("GET", server.url("/v2"))[2]["extensions"] == ["binary_tensor_data", "explain"]
     assert call("GET", server.url("/v2/models/onset"))[2]["parameters"]["explainer"] is True
-
-
-def _post_raw(url: str, body: bytes, header_len: int | None):
-    import http.client
-
-    host, _, rest = url.removeprefix("http://").partition("/")
-    conn = http.client.HTTPConnection(host, timeout=30)
-    headers = {"Content-Type": "application/octet-stream"}
-    if header_len is not None:
-        headers["Inference-Header-Content-Length"] = str(header_len)
-    try:
-        conn.request("POST", "/" + rest, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def test_metrics_audit_and_openapi(server):

@@ -45,32 +45,58 @@ def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def tiny_benefit_bundle(tmp_path_factory) -> tuple[Path, Path]:
-    """(cohort parquet, models folder with an il1_benefit bundle), trained once per session via the CLI.
+    """(cohort parquet, models folder with an il1_benefit bundle), trained once per session.
 
     The cohort tests/test_benefit.py trains on (3,000 patients, seed 21: ~900 MAS patients, enough deaths
     in both arms for 3-fold cross-fitting), one tuning trial per nuisance model: about 20 s on a quiet
     2-core machine. The estimates mean nothing; the bundle only has to be a real one for the service.
+    Trained by the pipeline function the CLI's `masml train il1_benefit` calls (same arguments, same MLflow
+    tracking), in a subprocess that also keeps the two outcome boosters (``tiny_benefit_boosters``): the
+    bundle holds only ONNX graphs, and the explanation tests need the boosters for shap.TreeExplainer.
     """
-    return _trained_once(tmp_path_factory, "serve_benefit", "il1_benefit", TINY, n=3000, seed=21)
+    return _trained_once(
+        tmp_path_factory, "serve_benefit", "il1_benefit", TINY, n=3000, seed=21, keep_boosters=True
+    )
+
+
+def tiny_benefit_boosters(tmp_path_factory) -> dict[str, Path]:
+    """The tiny benefit bundle's outcome boosters (xgboost UBJSON files), by arm: untreated, treated."""
+    root = tiny_benefit_bundle(tmp_path_factory)[1].parent / "outcome_boosters"
+    return {arm: root / f"{arm}.ubj" for arm in ("untreated", "treated")}
+
+
+# What `masml train il1_benefit` runs (masml/cli.py `_train`), then the outcome boosters saved to a folder.
+BENEFIT_TRAIN = """
+import sys
+from pathlib import Path
+from pipelines.il1_benefit import run_il1_benefit_pipeline
+data, config, out, keep = map(Path, sys.argv[1:])
+result = run_il1_benefit_pipeline(data, out, config_path=config, log=print)
+keep.mkdir(parents=True, exist_ok=True)
+for arm in ("untreated", "treated"):
+    getattr(result.extra["model"].nuisances, arm).booster.save_model(str(keep / f"{arm}.ubj"))
+"""
 
 
 def _trained_once(
-    tmp_path_factory, name: str, task: str, config: str, n: int, seed: int
+    tmp_path_factory, name: str, task: str, config: str, n: int, seed: int, keep_boosters: bool = False
 ) -> tuple[Path, Path]:
-    """`masml cohort` + `masml train TASK` in subprocesses, with their own SQLite MLflow store; reused."""
+    """`masml cohort` + `masml train TASK` in subprocesses, with their own SQLite MLflow store; reused.
+    With ``keep_boosters`` (il1_benefit), training runs ``BENEFIT_TRAIN`` instead of the CLI command."""
     root = tmp_path_factory.getbasetemp() / name
     models, data = root / "models", root / "cohort.parquet"
-    if (models / task / "manifest.json").exists():
+    kept = root / "outcome_boosters"
+    if (models / task / "manifest.json").exists() and (not keep_boosters or kept.is_dir()):
         return data, models
     root.mkdir(parents=True, exist_ok=True)
     tiny = root / "tiny.yaml"
     tiny.write_text(config)
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    for args in (
-        ["cohort", "--n", str(n), "--seed", str(seed), "--out", str(data)],
-        ["train", task, "--data", str(data), "--config", str(tiny), "--out", str(models / task)],
-    ):
-        r = subprocess.run([MASML, *args], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    train = [MASML, "train", task, "--data", str(data), "--config", str(tiny), "--out", str(models / task)]
+    if keep_boosters:
+        train = [sys.executable, "-c", BENEFIT_TRAIN, str(data), str(tiny), str(models / task), str(kept)]
+    for cmd in ([MASML, "cohort", "--n", str(n), "--seed", str(seed), "--out", str(data)], train):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     return data, models
 
@@ -165,6 +191,21 @@ def call(
     if hdrs.get("content-type", "").startswith("application/json"):
         return resp.status, hdrs, json.loads(payload)
     return resp.status, hdrs, payload.decode(errors="replace")
+
+
+def post_raw(url: str, body: bytes, header_len: int | None):
+    """POST a binary OIP body (JSON header + raw tensor bytes); (status, headers, body bytes)."""
+    host, _, rest = url.removeprefix("http://").partition("/")
+    conn = http.client.HTTPConnection(host, timeout=30)
+    headers = {"Content-Type": "application/octet-stream"}
+    if header_len is not None:
+        headers["Inference-Header-Content-Length"] = str(header_len)
+    try:
+        conn.request("POST", "/" + rest, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
 
 
 def patients_from_frame(frame) -> list[dict]:
