@@ -53,10 +53,17 @@ class TuningConfig:
     ``n_trials`` is the binding budget. ``timeout_s`` is only a safety cap: if it stops the search before
     ``n_trials`` trials, how many trials ran depends on the machine's speed, so the same data, config and
     seed may then give a different model (the run records the number of trials it completed).
+
+    ``parallel_trials`` (N) makes the search propose trials in batches of N, each batch chosen before
+    any of its results are known and told in trial-number order, so the trials depend on the seed and
+    N, never on which trial finishes first. On a Dask cluster a batch's trials run at the same time,
+    each on its own group of workers (``masml.distributed.train``); on one process they run one after
+    another (the same search, no speed-up). 1 is the classic sequential search.
     """
 
     n_trials: int = 20
     timeout_s: float | None = 900.0
+    parallel_trials: int = 1
     max_depth: list[int] = field(default_factory=lambda: [2, 6])
     learning_rate: list[float] = field(default_factory=lambda: [0.02, 0.2])
     min_child_weight: list[float] = field(default_factory=lambda: [1.0, 50.0])
@@ -234,6 +241,12 @@ def _tuning_from(raw: dict) -> TuningConfig:
     for key, v in raw.items():
         if key in ("n_trials", "max_rounds", "early_stopping_rounds"):
             out[key] = _want_int(f"tuning.{key}", v, low=1)
+        elif key == "parallel_trials":
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"config key 'tuning.parallel_trials': value {v!r} ({type(v).__name__}) is "
+                                  "not a whole number >= 1 (how many tuning trials run at once on a cluster; "
+                                  "1 runs them one after another)")  # fmt: skip
+            out[key] = v
         elif key == "timeout_s":
             if v is not None and not _is_number(v):
                 raise _type_error("tuning.timeout_s", v, "a number of seconds or null")

@@ -296,22 +296,50 @@ def _starting_point(bounds: dict[str, list[float]]) -> dict[str, Any]:
     }
 
 
-def search(objective: Callable[[int, dict[str, Any]], float], config: Config):
+def search(
+    objective: Callable[[int, dict[str, Any]], float],
+    config: Config,
+    run_batch: Callable[[list[tuple[int, dict[str, Any]]]], list[float]] | None = None,
+):
     """The hyper-parameter search both engines share: a seeded TPE sampler, the known-good starting
     point as trial 0, then ``config.tuning.n_trials`` trials in all (fewer only if the ``timeout_s``
     cap stops it). ``objective(trial_number, params)`` returns the mean CV log loss; the optuna study
-    is returned."""
+    is returned.
+
+    Trials are asked in batches of ``tuning.parallel_trials`` (N): every trial of a batch is proposed
+    before any of them is evaluated (optuna's TPE treats the pending ones as a "constant liar", so a
+    batch spreads out), and the losses are told in trial-number order once the whole batch is done.
+    The trials therefore depend only on the seed and N, never on which one finishes first; N = 1 is
+    the classic one-at-a-time search. ``run_batch([(number, params), ...])`` evaluates a batch and
+    returns its losses in the same order (the cluster engine runs them at once); without it the batch
+    runs one trial after another through ``objective``. ``timeout_s`` is checked between batches."""
     import optuna
 
-    bounds = config.tuning.bounds()
+    tuning = config.tuning
+    bounds = tuning.bounds()
+    if run_batch is None:
+        run_batch = lambda asked: [objective(number, params) for number, params in asked]  # noqa: E731
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         sampler = optuna.samplers.TPESampler(seed=config.seed)
         study = optuna.create_study(direction="minimize", sampler=sampler)
         study.enqueue_trial(_starting_point(bounds))
-        study.optimize(lambda trial: objective(trial.number, _suggest(trial, bounds)),
-                       n_trials=config.tuning.n_trials, timeout=config.tuning.timeout_s)  # fmt: skip
+        started, done = time.perf_counter(), 0
+        while done < tuning.n_trials:
+            if tuning.timeout_s is not None and time.perf_counter() - started >= tuning.timeout_s:
+                break
+            trials, asked = [], []
+            for _ in range(min(tuning.parallel_trials, tuning.n_trials - done)):
+                trial = study.ask()  # suggested before the next ask: the sampler sees it as pending
+                trials.append(trial)
+                asked.append((trial.number, _suggest(trial, bounds)))
+            losses = run_batch(asked)
+            if len(losses) != len(trials):
+                raise RuntimeError(f"a batch of {len(trials)} trials returned {len(losses)} losses")
+            for trial, loss in zip(trials, losses, strict=True):
+                study.tell(trial, float(loss))
+            done += len(trials)
     finally:
         optuna.logging.set_verbosity(previous)
     return study

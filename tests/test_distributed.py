@@ -304,12 +304,14 @@ def test_ground_truth_laid_out_unlike_the_data_is_refused_before_training(client
     assert not any("trial" in m for m in logged)  # refused before any training
 
 
-def test_training_fails_clearly_instead_of_hanging_when_a_worker_dies(cluster_cohort):
+@pytest.mark.parametrize("parallel_trials", [1, 2])
+def test_training_fails_clearly_instead_of_hanging_when_a_worker_dies(cluster_cohort, parallel_trials):
     from masml.distributed.train import train_on_cluster
     from pipelines.risk import held_out_columns
 
-    config = config_from_dict({"tuning": {"n_trials": 3, "max_rounds": 5000, "early_stopping_rounds": 5000},
-                               "folds": 2, "n_boot": 20}, "onset")  # fmt: skip
+    tuning = {"n_trials": 3, "max_rounds": 5000, "early_stopping_rounds": 5000}
+    tuning["parallel_trials"] = parallel_trials  # 2: the worker dies while two trials run at once
+    config = config_from_dict({"tuning": tuning, "folds": 2, "n_boot": 20}, "onset")
     outcome: dict = {}
     with connect("local") as c:
         state = _kill_a_worker_when(c, lambda: _processing(c, "fn-"))
@@ -330,3 +332,30 @@ def test_training_fails_clearly_instead_of_hanging_when_a_worker_dies(cluster_co
     err = outcome.get("error")
     assert isinstance(err, WorkerLostError), outcome
     assert state["killed"] in str(err) and "left the cluster" in str(err)
+
+
+def test_parallel_trials_overlap_on_worker_groups_and_repeat_exactly(client, cluster_cohort):
+    from masml.distributed.train import train_on_cluster, worker_groups
+    from pipelines.risk import held_out_columns
+
+    config = config_from_dict({"tuning": {"n_trials": 4, "parallel_trials": 2, "max_rounds": 40},
+                               "folds": 2, "n_boot": 20}, "onset")  # fmt: skip
+    runs = []
+    for _ in range(2):
+        logged: list[str] = []
+        trained = train_on_cluster(client, cluster_cohort / "cohort", None, config, held_out_columns,
+                                   log=logged.append)  # fmt: skip
+        runs.append(trained.model)
+    first, again = runs
+    assert [t["number"] for t in first.trials] == [0, 1, 2, 3]  # the whole budget, told in trial order
+    assert all(t["workers"] == 1 for t in first.trials)  # 2 workers in 2 groups of 1
+    assert any("2 trials at a time, on worker groups of 1" in m for m in logged)
+    for a, b in (first.trials[:2], first.trials[2:]):  # each batch's two trials ran at the same time
+        assert max(a["started_s"], b["started_s"]) < min(a["finished_s"], b["finished_s"]), (a, b)
+    # the same data, config, seed and cluster: the same trials, the same choice, the same booster
+    assert [t["params"] for t in again.trials] == [t["params"] for t in first.trials]
+    assert [t["value"] for t in again.trials] == [t["value"] for t in first.trials]
+    assert again.best_params == first.best_params and again.n_rounds == first.n_rounds
+    assert again.booster.save_raw("ubj") == first.booster.save_raw("ubj")
+    with pytest.raises(ClusterError, match=r"'tuning.parallel_trials' is 3: .* the cluster has 2"):
+        worker_groups(client, 3)

@@ -113,6 +113,16 @@ def test_wrong_values_name_the_key_value_and_expectation(raw, pattern):
         config_from_dict(raw, "onset")
 
 
+@pytest.mark.parametrize("bad", [0, -1, "two", 1.5, True])
+def test_parallel_trials_must_be_a_whole_number_of_at_least_one(bad):
+    assert load_config(None, "onset").tuning.parallel_trials == 1  # the default: one trial at a time
+    assert config_from_dict({"tuning": {"parallel_trials": 3}}, "onset").tuning.parallel_trials == 3
+    key_value = rf"config key 'tuning.parallel_trials': value {bad!r} \({type(bad).__name__}\)"
+    pattern = key_value + r" is not a whole number >= 1 \(how many tuning trials run at once"
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict({"tuning": {"parallel_trials": bad}}, "onset")
+
+
 # --------------------------------------------------------------------------------------- population
 
 
@@ -216,6 +226,37 @@ def test_same_data_config_and_seed_give_the_same_model(cohort):
     # another seed is another model
     c, _, _, _ = _fit(cohort, "icu", TINY, seed=1)
     assert c.booster.save_raw("json") != a.booster.save_raw("json")
+
+
+def test_the_search_asks_trials_in_batches_and_depends_only_on_seed_and_batch_size():
+    from masml.training import search
+
+    def loss(params):
+        return (np.log(params["learning_rate"]) + 3) ** 2 + params["max_depth"] / 10 + params["gamma"]
+
+    def run(n_trials, parallel):
+        cfg = config_from_dict({"tuning": {"n_trials": n_trials, "parallel_trials": parallel}}, "onset")
+        batches = []
+
+        def run_batch(asked):  # what the cluster engine gives: a batch in, its losses out in trial order
+            batches.append([number for number, _ in asked])
+            return [loss(params) for _, params in asked]
+
+        study = search(lambda number, params: loss(params), cfg, run_batch)
+        return batches, [(t.number, t.params, t.value) for t in study.trials]
+
+    batches, trials = run(5, 2)
+    assert batches == [[0, 1], [2, 3], [4]]  # the whole budget, the last batch what remains
+    assert trials[0][1] == STARTING_POINT and [t[0] for t in trials] == [0, 1, 2, 3, 4]
+    assert run(5, 2) == (batches, trials)  # the same seed and batch size: the same trials
+    # TPE's first 10 trials are random whatever the batch size; then a batch is proposed blind: trial 11
+    # is chosen with trial 10 still pending (a "constant liar"), not knowing its loss
+    sequential, batched = run(12, 1), run(12, 2)
+    assert sequential[0] == [[n] for n in range(12)] and batched[0][-1] == [10, 11]
+    assert [t[1] for t in batched[1][:11]] == [t[1] for t in sequential[1][:11]]
+    assert batched[1][11][1] != sequential[1][11][1]
+    cfg = config_from_dict({"tuning": {"n_trials": 12}}, "onset")  # no run_batch: one after another
+    assert [(t.number, t.params, t.value) for t in search(lambda n, p: loss(p), cfg).trials] == sequential[1]
 
 
 def test_onset_model_is_close_to_the_ceiling_and_calibrated():
