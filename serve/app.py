@@ -238,7 +238,46 @@ def create_app(config: Config | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.serve = state
+    hot = {
+        ("v1", "predict"): ("task", endpoint("predict", predict)),
+        ("v2", "infer"): ("m", endpoint("v2_infer", v2_infer, oip=True)),
+    }
+    app.middleware_stack = ScoringFastPath(
+        app.build_middleware_stack(), hot, endpoint("invocations", invocations)
+    )
     return app
+
+
+class ScoringFastPath:
+    """``POST /v1/models/{task}/predict``, ``/v2/models/{m}/infer`` and ``/invocations`` go straight to
+    their endpoint; every other request goes through Starlette's middleware and router.
+
+    Why: for one patient those layers cost about as much as scoring (~140k of ~860k instructions per
+    request in-process, measured with callgrind), and the endpoint wrapper already does all they add
+    (errors as JSON, never a 500). Only exact shapes are taken; anything else, including the same paths
+    with another method, gets Starlette's usual answer (404, 405)."""
+
+    def __init__(
+        self, app: Callable, hot: dict[tuple[str, str], tuple[str, Callable]], invocations: Callable
+    ):
+        self.app, self.hot, self.invocations = app, hot, invocations
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            parts = path.split("/")
+            fn = None
+            if len(parts) == 5 and parts[0] == "" and parts[2] == "models" and parts[3]:
+                param, fn = self.hot.get((parts[1], parts[4]), (None, None))
+                if fn is not None:
+                    scope["path_params"] = {param: parts[3]}
+            elif path == "/invocations":
+                fn, scope["path_params"] = self.invocations, {}
+            if fn is not None:
+                response = await fn(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def app_from_env() -> Starlette:
