@@ -318,12 +318,16 @@ def serve(
         None, "--api-keys-file", help="Lines 'KEY role' or 'sha256:HEX role' (role: user or admin)."
     ),
     audit_log: Path | None = typer.Option(None, "--audit-log", help="Audit log file (JSON lines)."),
+    public_metrics: bool = typer.Option(
+        False, "--public-metrics", help="Answer /metrics without an API key (aggregates, no patient data)."
+    ),
 ) -> None:
     """Start the scoring service (serve/, onnxruntime only) on every bundle in --models."""
     args = [sys.executable, "-m", "serve", "--models", str(models), "--host", host, "--port", str(port),
             "--workers", str(workers)]  # fmt: skip
     args += ["--api-keys-file", str(api_keys_file)] if api_keys_file else []
     args += ["--audit-log", str(audit_log)] if audit_log else []
+    args += ["--public-metrics"] if public_metrics else []
     import os
 
     os.execv(sys.executable, args)  # the service never runs inside masml's (training) interpreter state

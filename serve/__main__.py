@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=int(os.environ.get("MASML_SERVE_MAX_BODY_BYTES", str(8 * 1024 * 1024))),
     )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        default=os.environ.get("MASML_SERVE_PUBLIC_METRICS", "").lower() in ("1", "true", "yes"),
+        help="answer /metrics without an API key (counts and histograms only, no patient data), so a "
+        "plain Prometheus scrape works",
+    )
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     env = {
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         "MASML_SERVE_MAX_BATCH": str(a.max_batch),
         "MASML_SERVE_MAX_EXPLAIN_BATCH": str(a.max_explain_batch),
         "MASML_SERVE_MAX_BODY_BYTES": str(a.max_body_bytes),
+        "MASML_SERVE_PUBLIC_METRICS": "1" if a.public_metrics else "",
     }
     if a.api_keys_file:
         env["MASML_SERVE_API_KEYS_FILE"] = a.api_keys_file

@@ -80,6 +80,7 @@ class Config:
     max_batch: int = 5000
     max_explain_batch: int = 100  # explanations are memory-heavy (~2 MB per row while computed)
     reload_file: str | None = None  # shared by workers: touching it makes every worker reload
+    public_metrics: bool = False  # /metrics without a key, for a plain Prometheus scrape (no patient data)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -94,6 +95,7 @@ class Config:
             max_batch=int(e("MASML_SERVE_MAX_BATCH", "5000")),
             max_explain_batch=int(e("MASML_SERVE_MAX_EXPLAIN_BATCH", "100")),
             reload_file=e("MASML_SERVE_RELOAD_FILE"),
+            public_metrics=e("MASML_SERVE_PUBLIC_METRICS", "").lower() in ("1", "true", "yes"),
         )
 
 
@@ -176,6 +178,7 @@ def create_app(config: Config | None = None) -> Starlette:
         return run
 
     R = Route
+    metrics_role = None if config.public_metrics else "user"
     routes = [
         R("/v1/models/{task}/predict", endpoint("predict", predict), methods=["POST"]),
         R("/v1/models/{task}/explain", endpoint("explain", explain), methods=["POST"]),
@@ -185,7 +188,7 @@ def create_app(config: Config | None = None) -> Starlette:
         R("/health", endpoint("health", healthz, None), methods=["GET"]),
         R("/version", endpoint("version", version, None), methods=["GET"]),
         R("/openapi.json", endpoint("openapi", openapi, None), methods=["GET"]),
-        R("/metrics", endpoint("metrics", metrics, "user"), methods=["GET"]),
+        R("/metrics", endpoint("metrics", metrics, metrics_role), methods=["GET"]),
         R("/v1/models", endpoint("models", list_models), methods=["GET"]),
         R("/v1/models/{task}", endpoint("model", get_model), methods=["GET"]),
         R("/admin/reload", endpoint("reload", admin_reload, "admin"), methods=["POST"]),

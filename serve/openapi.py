@@ -463,6 +463,7 @@ def _request_schema(patient: str, max_items: int, options: dict) -> dict:
 def build_spec(snap: Snapshot, config: Any) -> dict:
     schemas = _common_schemas()
     auth = [{"bearer": []}]
+    public_metrics = getattr(config, "public_metrics", False)
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "alive", "security": [], "responses": _resp("Health", "alive")}},
         "/readyz": {
@@ -485,7 +486,8 @@ def build_spec(snap: Snapshot, config: Any) -> dict:
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (text exposition format)",
-                "responses": _resp(None, "metrics", (401,)),
+                **({"security": []} if public_metrics else {}),
+                "responses": _resp(None, "metrics", () if public_metrics else (401,)),
             }
         },
         "/v1/models": {

@@ -345,6 +345,18 @@ def test_auth_keys_hashed_health_open(keyed):
     assert "authentication is OFF" not in keyed.stderr()
 
 
+def test_public_metrics_answers_a_plain_scrape_and_nothing_else(bundle):
+    s = Server(bundle[1], "--public-metrics", env={"MASML_SERVE_API_KEYS": USER})
+    try:
+        st, hdrs, text = call("GET", s.url("/metrics"))
+        assert st == 200 and "masml_requests_total" in text and hdrs["content-type"].startswith("text/plain")
+        assert call("GET", s.url("/v1/models"))[0] == 401 and predict(s, [BASE])[0] == 401
+        spec = call("GET", s.url("/openapi.json"))[2]
+        assert spec["paths"]["/metrics"]["get"]["security"] == [] and spec["security"] == [{"bearer": []}]
+    finally:
+        s.stop()
+
+
 def test_no_keys_refused_off_loopback_and_warned_on_it(bundle, server):
     r = subprocess.run(
         [sys.executable, "-m", "serve", "--models", str(bundle[1]), "--host", "0.0.0.0", "--port", "1"],
