@@ -136,6 +136,29 @@ class Nuisances:
     treated: TrainedRiskModel
     propensity: TrainedRiskModel
 
+    def __post_init__(self) -> None:
+        # One feature spec for all three (tune_and_fit builds it from the config's inputs and
+        # score_features): the learners' final stages and the export reuse it (``spec``).
+        names = ("untreated", "treated", "propensity")
+        specs = {name: list(getattr(self, name).spec) for name in names}
+        if any(specs[name] != specs["untreated"] for name in names):
+            raise ValueError(
+                "the nuisance models were trained on different features: "
+                + "; ".join(f"{name}: {features.feature_names(spec)}" for name, spec in specs.items())
+            )
+        inputs = {name: list(getattr(self, name).input_names) for name in names}
+        if any(inputs[name] != inputs["untreated"] for name in names):
+            raise ValueError(f"the nuisance models were trained on different inputs: {inputs}")
+
+    @property
+    def spec(self) -> list[features.Feature]:
+        """The feature spec the nuisances were trained on (the config's inputs and score_features)."""
+        return list(self.untreated.spec)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.untreated.input_names)
+
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (
             self.untreated.predict_risk(x),
@@ -283,6 +306,9 @@ class BenefitModel:
     x_tau0: Any = None  # X-learner: effect imputed on untreated patients
     x_tau1: Any = None  # X-learner: effect imputed on treated patients
 
+    def __post_init__(self) -> None:
+        check_one_spec(self)
+
     def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Input matrix -> benefit, risk_untreated, risk_treated, propensity (float64)."""
         x = np.asarray(x, dtype=np.float32)
@@ -302,6 +328,25 @@ class BenefitModel:
         else:
             raise ValueError(f"unknown learner {self.learner!r}; expected one of {list(LEARNERS)}")
         return {"benefit": tau, "risk_untreated": r0, "risk_treated": r1, "propensity": e}
+
+
+def check_one_spec(model: BenefitModel) -> None:
+    """Every sub-model of the benefit model sees the same features: the nuisances' spec (the config's
+    inputs and score_features), which the final-stage forests are fitted on and the graph computes once
+    for all of them. Raises ValueError naming both feature lists otherwise (``fit_final`` cannot build
+    such a model; this guards hand-built or edited ones before predicting or exporting)."""
+    nuis = model.nuisances
+    if list(model.input_names) != nuis.input_names:
+        raise ValueError(
+            f"the benefit model's inputs {list(model.input_names)} differ from its nuisance models' "
+            f"{nuis.input_names}"
+        )
+    if list(model.spec) != nuis.spec:
+        raise ValueError(
+            f"the benefit model's features {features.feature_names(model.spec)} differ from those its "
+            f"nuisance models were trained on {features.feature_names(nuis.spec)} (score_features "
+            "included); every sub-model and the exported graph must use one feature spec"
+        )
 
 
 @dataclass
@@ -324,11 +369,15 @@ def select_learner(
     phi: np.ndarray,
     input_names: Sequence[str],
     config: Config,
+    spec: Sequence[features.Feature],
 ) -> Selection:
-    """Every learner's out-of-fold benefit over K patient-grouped folds, scored by the DR loss."""
+    """Every learner's out-of-fold benefit over K patient-grouped folds, scored by the DR loss.
+
+    ``spec``: the nuisances' feature spec (``Nuisances.spec``), on which the forests are fitted, as
+    ``fit_final`` fits them.
+    """
     r0, r1, e = cross["r0"], cross["r1"], cross["e"]
-    spec = features.feature_spec(list(input_names))
-    f = features.transform(x, spec)
+    f = features.transform(x, list(spec))
     h = modifier_matrix(x, input_names)
     n = len(y)
     oof = {name: np.zeros(n) for name in ("constant", "x_learner", "dr_forest")}
@@ -404,8 +453,9 @@ def fit_final(
     ridge_lambda: float,
     seed: int,
 ) -> BenefitModel:
-    """The chosen learner's final stage refitted on every training patient."""
-    spec = features.feature_spec(list(input_names))
+    """The chosen learner's final stage refitted on every training patient, on the nuisances' features
+    (the config's inputs and score_features): one feature spec for every sub-model and the graph."""
+    spec = nuis.spec
     model = BenefitModel(nuisances=nuis, learner=learner, input_names=list(input_names), spec=spec)
     f = features.transform(x, spec)
     if learner == "constant":

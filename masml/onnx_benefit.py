@@ -195,6 +195,7 @@ def _ridge(g: _Graph, stage: causal.RidgeStage, h: str, r0: str) -> str:
 def benefit_model_to_onnx(model: causal.BenefitModel) -> onnx.ModelProto:
     """The benefit model as one graph: ``inputs`` [N, K] -> benefit, risk_untreated, risk_treated,
     propensity (float32 [N])."""
+    causal.check_one_spec(model)  # the features are computed once in the graph, for every sub-model
     names = list(model.input_names)
     spec = model.spec
     n = len(names)
@@ -272,6 +273,7 @@ def benefit_explainer_to_onnx(model: causal.BenefitModel) -> tuple[onnx.ModelPro
     treated, difference: ``b_contributions`` [N, F], ``b_input_contributions`` [N, K], ``b_base_value``
     [N], ``b_margin`` [N], all float32 log-odds (see the module docstring for what the blocks mean).
     """
+    causal.check_one_spec(model)  # both outcome models are explained on the scoring graph's features
     names = list(model.input_names)
     spec = model.spec
     n = len(names)

@@ -142,7 +142,9 @@ def run_il1_benefit_pipeline(
     # ---- nuisances (tuned, calibrated, cross-fitted), pseudo-outcomes, learner choice, final stage
     nuis, cross = causal.fit_nuisances(xt, yt, tt, gt, config.inputs, config, log=log)
     phi_train = causal.pseudo_outcome(yt, tt, cross["r0"], cross["r1"], cross["e"], config.overlap)
-    selection = causal.select_learner(xt, yt, tt, gt, cross, phi_train, config.inputs, config)
+    # One feature spec for every sub-model: the nuisances' (config inputs + score_features); the learners'
+    # forests (here and in fit_final), the graph and the explainer all use it.
+    selection = causal.select_learner(xt, yt, tt, gt, cross, phi_train, config.inputs, config, nuis.spec)
     log(f"{TASK}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})")
     for _, row in selection.losses.iterrows():
         log(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")

@@ -380,6 +380,68 @@ def test_benefit_explainer_gate_fails_on_a_tampered_table(run):
     assert err.value.report["untreated"]["max_abs_diff_contributions"] <= 1e-4  # the untouched block passed
 
 
+def test_score_features_reach_every_sub_model_and_both_export_gates(tmp_path):
+    """score_features: [hscore] for il1_benefit: the outcome and propensity models, every learner's
+    final stage and both graphs use one feature spec with hscore in it, and both export gates pass.
+
+    The final stages used to be fitted on the inputs' features without the scores while the nuisances
+    had them, so the graph computed too few features (the parity gate failed with an IndexError). The
+    pipeline chooses one learner; the other final stages are refitted here on its held-out rows (a
+    structural check of the export, not of estimation quality)."""
+    from masml.features import feature_names, feature_spec
+    from masml.onnx_benefit import (
+        benefit_explainer_parity_gate,
+        benefit_explainer_to_onnx,
+        benefit_model_to_onnx,
+        benefit_parity_gate,
+    )
+
+    data, _ = write_cohort(simulate(1_500, seed=21), tmp_path / "cohort.parquet")
+    config = config_from_dict(
+        {"tuning": {"n_trials": 1, "max_rounds": 60}, "n_boot": 20, "folds": 3, "score_features": ["hscore"]},
+        "il1_benefit",
+    )
+    run = run_il1_benefit_pipeline(data, tmp_path / "bundle", config=config, log=lambda m: None, track=False)
+    model = run.extra["model"]
+    spec = model.spec
+    assert feature_names(spec)[-1] == "hscore"
+    assert spec == feature_spec(config.inputs, ["hscore"])
+    nuis = model.nuisances
+    for name in ("untreated", "treated", "propensity"):
+        sub = getattr(nuis, name)
+        assert sub.spec == spec and sub.booster.num_features() == len(spec), name
+    assert run.parity["max_abs_diff"] <= 1e-5
+    ex = run.parity["explainer"]
+    assert ex["max_abs_diff_contributions"] <= 1e-4 and ex["max_abs_diff_additivity"] <= 1e-4
+    assert run.manifest["explainer"]["feature_names"] == feature_names(spec)
+    assert (run.bundle_dir / "model.onnx").read_bytes() == benefit_model_to_onnx(model).SerializeToString()
+    assert run.extra["balance"]["feature"].tolist() == feature_names(spec)
+
+    # Every learner's final stage on the same spec, through both gates.
+    test, x = run.extra["test"], run.extra["x_test"]
+    y, t = test[config.label].to_numpy(float), causal.treatment_values(test)
+    pred = run.extra["prediction"]
+    cross = {"r0": pred["risk_untreated"], "r1": pred["risk_treated"], "e": pred["propensity"]}
+    for learner in causal.LEARNERS:
+        refit = causal.fit_final(
+            learner, nuis, x, y, t, cross, run.extra["phi_test"], config.inputs, 10.0, config.seed
+        )
+        assert refit.spec == spec
+        for forest in (refit.dr_forest, refit.x_tau0, refit.x_tau1):
+            assert forest is None or forest.num_features() == len(spec), learner
+        graph = benefit_model_to_onnx(refit)
+        assert benefit_parity_gate(graph, refit, x)["max_abs_diff"] <= 1e-5, learner
+    explainer, _ = benefit_explainer_to_onnx(refit)  # explains the outcome models: one learner is enough
+    benefit_explainer_parity_gate(explainer, graph, refit, x, threshold_rows=200)
+
+    # A benefit model whose spec differs from its nuisances' cannot be built (fit_final never does).
+    with pytest.raises(ValueError, match=r"differ from those its nuisance models were trained on.*hscore"):
+        causal.BenefitModel(
+            nuisances=nuis, learner="constant", input_names=list(config.inputs),
+            spec=feature_spec(config.inputs),
+        )  # fmt: skip
+
+
 def test_predict_writes_benefit_risks_and_guardrails_from_the_bundle(run, workspace):
     out = workspace["tmp"] / "pred.csv"
     r = subprocess.run(

@@ -258,6 +258,64 @@ def test_train_on_a_local_cluster_end_to_end(cluster_cohort):
     assert len(scored) == 6000 and scored["risk"].between(0, 1).all()
 
 
+def test_icu_trains_on_a_cluster_with_a_partition_holding_no_mas_patient(tmp_path):
+    """The ICU model's population is MAS patients only: a partition without one is empty after the
+    population step on its worker. Training on a 2-worker cluster still works end to end, the bundle
+    passes its parity gates, and the rows used and skipped are the one-process population's."""
+    from masml import onnx_export
+    from masml.encoding import encode_inputs
+    from masml.training import population_rows, select_population
+    from pipelines.risk import run_risk_pipeline
+
+    c = simulate(2000, seed=3)
+    data, truth = c.data.copy(), c.truth.copy()
+    assert (truth["patient_id"] == data["patient_id"]).all()
+    mas = (data["mas_onset"] == 1).to_numpy()
+    data.loc[data.index[mas][:7], "icu_admission"] = None  # MAS patients without the label: skipped
+    # Partition 0 holds only patients without MAS (one row group per file); the rest in two files.
+    order = [*data.index[~mas][:600], *data.index[mas], *data.index[~mas][600:]]
+    rest = sorted(order[600:])
+    parts = [order[:600], rest[: len(rest) // 2], rest[len(rest) // 2 :]]
+    folder = write_parts(tmp_path / "cohort", [data.loc[rows] for rows in parts])
+    write_parts(tmp_path / "cohort.truth", [truth.loc[rows] for rows in parts])  # laid out as the data
+    config = config_from_dict({"tuning": {"n_trials": 1, "max_rounds": 60}, "n_boot": 20, "folds": 3}, "icu")
+    files = sorted(folder.glob("*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [1, 1, 1]
+    frames = [pd.read_parquet(f) for f in files]
+    first = validate(frames[0], require_labels=("icu_admission",))
+    assert population_rows(first, config)[1]["rows_used"] == 0  # no MAS patient in partition 0
+
+    logged: list[str] = []
+    result = run_risk_pipeline("icu", folder, tmp_path / "bundle", config=config, log=logged.append,
+                               track=False, cluster="local:2")  # fmt: skip
+
+    # One process on the same rows: the same population counts.
+    whole = validate(pd.concat(frames, ignore_index=True), require_labels=("icu_admission",))
+    pop, expected = select_population(whole, config)
+    got = result.extra["population"]
+    assert got.to_dict() == expected.to_dict()
+    assert expected.skipped_label_missing == 7 and expected.rows_used == int(mas.sum()) - 7
+    # The bundle: read back (checksums), its manifest's data counts, its parity gates.
+    manifest, _ = read_bundle(result.bundle_dir)
+    td = manifest["training_data"]
+    assert td["engine"].startswith("dask (2 workers, 3 partitions)")
+    assert (td["rows"], td["rows_used"]) == (len(whole), expected.rows_used)
+    assert td["train_rows"] + td["test_rows"] == expected.rows_used
+    assert manifest["metrics"]["test_rows"] == td["test_rows"]
+    assert td["fingerprint"] == data_fingerprint(whole) and td["synthetic"] is True
+    flow = json.loads((result.bundle_dir / "card.json").read_text())["data"]["flow"]
+    keys = ("rows_in", "skipped_outside_population", "skipped_label_missing", "rows_used")
+    assert {k: flow[k] for k in keys} == {k: getattr(expected, k) for k in keys}
+    assert result.parity["max_abs_diff_risk"] <= 1e-5
+    assert manifest["explainer"]["parity"]["max_abs_diff_contributions"] <= 1e-4
+    model = result.extra["model"]
+    bundle_model = (result.bundle_dir / "model.onnx").read_bytes()
+    x = encode_inputs(pop, config.inputs)  # every patient of the population, through the written graph
+    gate = onnx_export.parity_gate(bundle_model, model.booster, model.spec, model.calibrator, x)
+    assert gate["max_abs_diff_risk"] <= 1e-5
+    assert any(f"{expected.rows_used:,} rows used" in m for m in logged)
+
+
 def test_same_data_config_seed_and_cluster_give_the_same_model(cluster_cohort):
     root = cluster_cohort
     if not (root / "bundle" / "model.onnx").exists():  # run alone: train the first one here
