@@ -302,16 +302,23 @@ def _pinned(client, fn, *args, worker: str):
     return client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
 
 
-def _training_parts(client, feature_parts: list, names: list[str]) -> list:
-    """Each partition's training rows, picked on the worker that holds the partition. Pinned there so
-    that the feature partitions are never copied to another worker: the final fit trains where they
-    lie, and a stray replica would let its layout (and so the booster) vary from run to run."""
+def _training_parts(client, feature_parts: list, names: list[str]) -> tuple[list, list[str]]:
+    """Each partition's training rows, picked on the worker that holds the partition, and those workers.
+    Pinned there so that the feature partitions are never copied to another worker, and so that the
+    final fit trains on exactly this layout: left to the scheduler (work stealing, replicas made while
+    tuning), the rows' spread over workers, and so the booster, varied from run to run."""
     from dask.distributed import wait
 
     wait(feature_parts)
     holders = client.who_has(feature_parts)
-    return [_pinned(client, _training_rows, part, names, worker=sorted(holders[part.key])[0])
-            for part in feature_parts]  # fmt: skip
+    where = [sorted(holders[part.key])[0] for part in feature_parts]
+    parts = [_pinned(client, _training_rows, part, names, worker=w)
+             for part, w in zip(feature_parts, where, strict=True)]  # fmt: skip
+    return parts, where
+
+
+def _columns(part: pd.DataFrame, columns: list[str] | str):
+    return part[columns]
 
 
 def _group_folds(client, training_parts: list, names: list[str], meta: pd.DataFrame, group: list[str],
@@ -323,7 +330,7 @@ def _group_folds(client, training_parts: list, names: list[str], meta: pd.DataFr
     import dask.dataframe as dd
     import xgboost.dask as dxgb
 
-    where = [group[i % len(group)] for i in range(len(training_parts))]
+    where = [group[i % len(group)] for i in range(len(training_parts))]  # a copy, laid out for the group
     rows = [_pinned(client, _same, p, worker=w) for p, w in zip(training_parts, where, strict=True)]
     x_meta, y_meta = meta[names], meta["__y"]
     out = []
@@ -362,6 +369,7 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     coll = CollConfig(timeout=COLLECTIVE_TIMEOUT_S)
     tuning = config.tuning
     valid_frames = [train[train["__fold"] == k] for k in range(config.folds)]
+    parts, holders = _training_parts(client, feature_parts, names)
     if tuning.parallel_trials == 1:
         groups: list[list[str]] = [sorted(worker_addresses(client))]
         group_folds = [[]]
@@ -375,7 +383,6 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
         meta = train._meta
 
         def copies() -> list:
-            parts = _training_parts(client, feature_parts, names)
             return [_group_folds(client, parts, names, meta, g, config.folds) for g in groups]
 
         group_folds = guarded(client, copies, "tuning data")
@@ -456,7 +463,14 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     oof_margin, oof_y = np.concatenate(margins), np.concatenate(labels)
     calibrator = fit_calibrator(oof_margin, oof_y, config.calibration)
     n_rounds = max(1, int(round(float(np.mean(best["rounds"])))))
-    dall = dxgb.DaskQuantileDMatrix(client, train[names], label=train["__y"])
+    import dask.dataframe as dd
+
+    placed = list(zip(parts, holders, strict=True))  # the final fit on the layout the data was read in
+    x_all = dd.from_delayed([_pinned(client, _columns, r, names, worker=w) for r, w in placed],
+                            meta=train._meta[names], verify_meta=False)  # fmt: skip
+    y_all = dd.from_delayed([_pinned(client, _columns, r, "__y", worker=w) for r, w in placed],
+                            meta=train._meta["__y"], verify_meta=False)  # fmt: skip
+    dall = dxgb.DaskQuantileDMatrix(client, x_all, label=y_all)
     out = guarded(client, lambda: dxgb.train(
         client, params_of(best["params"]), dall, num_boost_round=n_rounds, verbose_eval=False, coll_cfg=coll,
     ), "final fit")  # fmt: skip
