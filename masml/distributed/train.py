@@ -42,7 +42,9 @@ What each step does on the cluster, and where it differs from one process:
 Reproducibility: with the same data, partitions, config (``parallel_trials`` included), seed and
 number of workers the run is repeatable; xgboost's distributed histograms depend on how rows are spread
 over workers, so a different cluster shape (or another N, which changes both the trials proposed and
-the workers each trial uses) gives a (slightly) different booster.
+the workers each trial uses) gives a (slightly) different booster. That spread is fixed by position
+(training partition i on the i-th worker by address, ``_training_parts``), never left to where the
+scheduler happened to run a task, so a cluster's history does not change the model.
 """
 
 from __future__ import annotations
@@ -303,15 +305,13 @@ def _pinned(client, fn, *args, worker: str):
 
 
 def _training_parts(client, feature_parts: list, names: list[str]) -> tuple[list, list[str]]:
-    """Each partition's training rows, picked on the worker that holds the partition, and those workers.
-    Pinned there so that the feature partitions are never copied to another worker, and so that the
-    final fit trains on exactly this layout: left to the scheduler (work stealing, replicas made while
-    tuning), the rows' spread over workers, and so the booster, varied from run to run."""
-    from dask.distributed import wait
-
-    wait(feature_parts)
-    holders = client.who_has(feature_parts)
-    where = [sorted(holders[part.key])[0] for part in feature_parts]
+    """Each partition's training rows, pinned by position (partition i on the i-th worker in address
+    order), and those workers. Why by position: xgboost's histograms, and so the booster, depend on how
+    rows are spread over workers; where the scheduler happened to put a partition depends on what the
+    cluster did before (tests on a shared cluster saw two same-seed runs differ). Tuning folds and the
+    final fit are cut from these pieces, so the layout is a function of the data and the cluster size."""
+    workers = sorted(worker_addresses(client))
+    where = [workers[i % len(workers)] for i in range(len(feature_parts))]
     parts = [_pinned(client, _training_rows, part, names, worker=w)
              for part, w in zip(feature_parts, where, strict=True)]  # fmt: skip
     return parts, where
@@ -369,23 +369,18 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     coll = CollConfig(timeout=COLLECTIVE_TIMEOUT_S)
     tuning = config.tuning
     valid_frames = [train[train["__fold"] == k] for k in range(config.folds)]
-    parts, holders = _training_parts(client, feature_parts, names)
-    if tuning.parallel_trials == 1:
+    parts, where = _training_parts(client, feature_parts, names)
+    if tuning.parallel_trials == 1:  # one group of every worker: the pieces stay where they are pinned
         groups: list[list[str]] = [sorted(worker_addresses(client))]
-        group_folds = [[]]
-        for k, va in enumerate(valid_frames):
-            tr = train[train["__fold"] != k]
-            dtr = dxgb.DaskQuantileDMatrix(client, tr[names], label=tr["__y"])
-            dva = dxgb.DaskQuantileDMatrix(client, va[names], label=va["__y"], ref=dtr)
-            group_folds[0].append((dtr, dva))
     else:
         groups = worker_groups(client, tuning.parallel_trials)
-        meta = train._meta
+    meta = train._meta
 
-        def copies() -> list:
-            return [_group_folds(client, parts, names, meta, g, config.folds) for g in groups]
+    def copies() -> list:
+        return [_group_folds(client, parts, names, meta, g, config.folds) for g in groups]
 
-        group_folds = guarded(client, copies, "tuning data")
+    group_folds = guarded(client, copies, "tuning data")
+    if tuning.parallel_trials > 1:
         log(f"{config.task}: {len(groups)} trials at a time, on worker groups of {len(groups[0])} "
             f"(each with its own copy of the training rows)")  # fmt: skip
 
@@ -465,7 +460,7 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     n_rounds = max(1, int(round(float(np.mean(best["rounds"])))))
     import dask.dataframe as dd
 
-    placed = list(zip(parts, holders, strict=True))  # the final fit on the layout the data was read in
+    placed = list(zip(parts, where, strict=True))  # the final fit on the same layout as the tuning
     x_all = dd.from_delayed([_pinned(client, _columns, r, names, worker=w) for r, w in placed],
                             meta=train._meta[names], verify_meta=False)  # fmt: skip
     y_all = dd.from_delayed([_pinned(client, _columns, r, "__y", worker=w) for r, w in placed],
