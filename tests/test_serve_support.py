@@ -50,9 +50,9 @@ def tiny_benefit_bundle(tmp_path_factory) -> tuple[Path, Path]:
     The cohort tests/test_benefit.py trains on (3,000 patients, seed 21: ~900 MAS patients, enough deaths
     in both arms for 3-fold cross-fitting), one tuning trial per nuisance model: about 20 s on a quiet
     2-core machine. The estimates mean nothing; the bundle only has to be a real one for the service.
-    Trained by the pipeline function the CLI's `masml train il1_benefit` calls (same arguments, same MLflow
-    tracking), in a subprocess that also keeps the two outcome boosters (``tiny_benefit_boosters``): the
-    bundle holds only ONNX graphs, and the explanation tests need the boosters for shap.TreeExplainer.
+    Trained by `masml train il1_benefit` (the command's app run in a subprocess) that also keeps the two
+    outcome boosters (``tiny_benefit_boosters``): the bundle holds only ONNX graphs, and the explanation
+    tests need the boosters for shap.TreeExplainer.
     """
     return _trained_once(
         tmp_path_factory, "serve_benefit", "il1_benefit", TINY, n=3000, seed=21, keep_boosters=True
@@ -65,16 +65,21 @@ def tiny_benefit_boosters(tmp_path_factory) -> dict[str, Path]:
     return {arm: root / f"{arm}.ubj" for arm in ("untreated", "treated")}
 
 
-# What `masml train il1_benefit` runs (masml/cli.py `_train`), then the outcome boosters saved to a folder.
+# `masml train il1_benefit` itself (the installed command's app, in this process), with the pipeline's
+# result kept so its outcome boosters (which the bundle does not carry) can be saved for SHAP references.
 BENEFIT_TRAIN = """
 import sys
 from pathlib import Path
-from pipelines.il1_benefit import run_il1_benefit_pipeline
+import pipelines.il1_benefit as pipeline
+from masml.cli import app
 data, config, out, keep = map(Path, sys.argv[1:])
-result = run_il1_benefit_pipeline(data, out, config_path=config, log=print)
+run, kept = pipeline.run_il1_benefit_pipeline, []
+pipeline.run_il1_benefit_pipeline = lambda *a, **k: kept.append(run(*a, **k)) or kept[-1]
+app(["train", "il1_benefit", "--data", str(data), "--config", str(config), "--out", str(out)],
+    standalone_mode=False)
 keep.mkdir(parents=True, exist_ok=True)
 for arm in ("untreated", "treated"):
-    getattr(result.extra["model"].nuisances, arm).booster.save_model(str(keep / f"{arm}.ubj"))
+    getattr(kept[0].extra["model"].nuisances, arm).booster.save_model(str(keep / f"{arm}.ubj"))
 """
 
 
@@ -82,7 +87,7 @@ def _trained_once(
     tmp_path_factory, name: str, task: str, config: str, n: int, seed: int, keep_boosters: bool = False
 ) -> tuple[Path, Path]:
     """`masml cohort` + `masml train TASK` in subprocesses, with their own SQLite MLflow store; reused.
-    With ``keep_boosters`` (il1_benefit), training runs ``BENEFIT_TRAIN`` instead of the CLI command."""
+    With ``keep_boosters`` (il1_benefit), ``BENEFIT_TRAIN`` runs the same command and keeps the boosters."""
     root = tmp_path_factory.getbasetemp() / name
     models, data = root / "models", root / "cohort.parquet"
     kept = root / "outcome_boosters"
