@@ -178,9 +178,13 @@ def create_app(config: Config | None = None) -> Starlette:
         return run
 
     R = Route
+    # one wrapper per scoring endpoint, shared by its route and by ScoringFastPath
+    predict_ep = endpoint("predict", predict)
+    infer_ep = endpoint("v2_infer", v2_infer, oip=True)
+    invocations_ep = endpoint("invocations", invocations)
     metrics_role = None if config.public_metrics else "user"
     routes = [
-        R("/v1/models/{task}/predict", endpoint("predict", predict), methods=["POST"]),
+        R("/v1/models/{task}/predict", predict_ep, methods=["POST"]),
         R("/v1/models/{task}/explain", endpoint("explain", explain), methods=["POST"]),
         R("/healthz", endpoint("healthz", healthz, None), methods=["GET"]),
         R("/readyz", endpoint("readyz", readyz, None), methods=["GET"]),
@@ -192,7 +196,7 @@ def create_app(config: Config | None = None) -> Starlette:
         R("/v1/models", endpoint("models", list_models), methods=["GET"]),
         R("/v1/models/{task}", endpoint("model", get_model), methods=["GET"]),
         R("/admin/reload", endpoint("reload", admin_reload, "admin"), methods=["POST"]),
-        R("/invocations", endpoint("invocations", invocations), methods=["POST"]),
+        R("/invocations", invocations_ep, methods=["POST"]),
         R("/v2", endpoint("v2", v2_server, oip=True), methods=["GET"]),
         R("/v2/health/live", endpoint("v2_live", v2_live, None, oip=True), methods=["GET"]),
         R("/v2/health/ready", endpoint("v2_ready", v2_ready, None, oip=True), methods=["GET"]),
@@ -204,8 +208,8 @@ def create_app(config: Config | None = None) -> Starlette:
             endpoint("v2_model_ready", v2_model_ready, oip=True),
             methods=["GET"],
         ),
-        R("/v2/models/{m}/infer", endpoint("v2_infer", v2_infer, oip=True), methods=["POST"]),
-        R("/v2/models/{m}/versions/{v}/infer", endpoint("v2_infer", v2_infer, oip=True), methods=["POST"]),
+        R("/v2/models/{m}/infer", infer_ep, methods=["POST"]),
+        R("/v2/models/{m}/versions/{v}/infer", infer_ep, methods=["POST"]),
         R("/v2/models/{m}/explain", endpoint("v2_explain", v2_explain, oip=True), methods=["POST"]),
         R(
             "/v2/models/{m}/versions/{v}/explain",
@@ -242,11 +246,11 @@ def create_app(config: Config | None = None) -> Starlette:
     )
     app.state.serve = state
     hot = {
-        ("v1", "predict"): ("task", endpoint("predict", predict)),
-        ("v2", "infer"): ("m", endpoint("v2_infer", v2_infer, oip=True)),
+        ("v1", "predict"): ("task", predict_ep),
+        ("v2", "infer"): ("m", infer_ep),
     }
     app.middleware_stack = ScoringFastPath(
-        app.build_middleware_stack(), hot, endpoint("invocations", invocations)
+        app.build_middleware_stack(), hot, invocations_ep
     )
     return app
 

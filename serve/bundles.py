@@ -163,7 +163,18 @@ def _metrics_summary(metrics: dict) -> dict:
 # patient does not repay. Why no spinning: idle intra-op threads would otherwise burn the CPU the
 # event loop needs between batches.
 BATCH_ROWS = 256
-BATCH_THREADS = max(1, min(int(os.environ.get("MASML_SERVE_BATCH_THREADS", "2")), os.cpu_count() or 1))
+
+
+def _batch_threads(raw: str) -> int:
+    """MASML_SERVE_BATCH_THREADS, capped at the machine's cores; 1 turns the batch session off."""
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise SystemExit(
+            f"MASML_SERVE_BATCH_THREADS is {raw!r}; expected a whole number >= 1 (1: no batch session)"
+        )
+    return min(int(raw), os.cpu_count() or 1)
+
+
+BATCH_THREADS = _batch_threads(os.environ.get("MASML_SERVE_BATCH_THREADS", "2"))
 
 
 def session_for(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:

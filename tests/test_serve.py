@@ -490,3 +490,13 @@ def test_guardrails_agree_with_masml_reference_evaluator(bundle, frame, tmp_path
     got = [{g["id"]: g["status"] for g in p["guardrails"]} for p in body["predictions"]]
     assert got == expected.to_dict("records")
     assert {v for row in got for v in row.values()} >= {"fires", "clear"}
+
+
+@pytest.mark.parametrize("bad", ["two", "0", "-1", ""])
+def test_a_bad_batch_threads_setting_stops_the_service_naming_it(bundle, bad):
+    r = subprocess.run(
+        [sys.executable, "-m", "serve", "--models", str(bundle[1])],
+        capture_output=True, text=True, timeout=60, env=os.environ | {"MASML_SERVE_BATCH_THREADS": bad},
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert f"MASML_SERVE_BATCH_THREADS is {bad!r}; expected a whole number >= 1" in r.stderr
