@@ -203,6 +203,11 @@ def test_bad_input_gets_4xx_listing_every_problem(server, body, status, fields):
             400,
         ),
         ("GET", "/v2/models/onset/versions/zzz", None, 404),
+        # near misses of the scoring fast path fall through to the router
+        ("POST", "/v1/models//predict", b"{}", 404),
+        ("POST", "/v1/models/onset/infer", b"{}", 404),
+        ("POST", "/v3/models/onset/predict", b"{}", 404),
+        ("PUT", "/v2/models/onset/infer", b"{}", 405),
     ],
 )
 def test_malformed_requests_are_json_4xx(server, method, path, raw, status):
@@ -500,3 +505,4 @@ def test_a_bad_batch_threads_setting_stops_the_service_naming_it(bundle, bad):
     )  # fmt: skip
     assert r.returncode != 0
     assert f"MASML_SERVE_BATCH_THREADS is {bad!r}; expected a whole number >= 1" in r.stderr
+
