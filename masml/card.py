@@ -402,8 +402,12 @@ def benefit_card_content(
     figures: Mapping[str, bytes],
     run: Mapping[str, Any],
     units_file: str | None = None,
+    split: str | None = None,
 ) -> dict:
-    """The benefit model's card: the causal estimand, its assumptions, and how far to trust it."""
+    """The benefit model's card: the causal estimand, its assumptions, and how far to trust it.
+
+    ``train`` / ``test``: the patients' frames, or their ``data_description`` (a cluster computes it
+    piecewise); ``split``: how the held-out patients were chosen, when not the one-process split."""
     method = manifest.get("method", {})
     algorithm = (
         f"Causal (treatment-effect) model. {method.get('design', '')}. Learner chosen without ground truth: "
@@ -413,7 +417,7 @@ def benefit_card_content(
     overlap = report["overlap"]["test"]
     card = _common(
         manifest=manifest, config=config, population=population, train=train, test=test, run=run,
-        units_file=units_file, algorithm=algorithm,
+        units_file=units_file, algorithm=algorithm, split=split,
         limitations=[
             *manifest.get("assumptions", []),
             f"{overlap['n_outside']} of {overlap['n']} held-out patients lie outside the overlap region "

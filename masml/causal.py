@@ -269,10 +269,14 @@ class RidgeStage:
 
 def fit_ridge(h: np.ndarray, r0: np.ndarray, phi: np.ndarray, lam: float) -> RidgeStage:
     z = ridge_basis(h, r0)
-    penalty = np.full(z.shape[1], lam)
+    return ridge_from_sums(z.T @ z, z.T @ phi, lam)
+
+
+def ridge_from_sums(zz: np.ndarray, zphi: np.ndarray, lam: float) -> RidgeStage:
+    """The ridge stage from Z'Z and Z'phi, which add up over partitions (how a cluster fits it)."""
+    penalty = np.full(zz.shape[0], lam)
     penalty[:3] = 1e-8  # pooled terms: (numerically) unpenalised
-    coef = np.linalg.solve(z.T @ z + np.diag(penalty), z.T @ phi)
-    return RidgeStage(coef=coef, lam=float(lam))
+    return RidgeStage(coef=np.linalg.solve(zz + np.diag(penalty), zphi), lam=float(lam))
 
 
 def fit_forest(f: np.ndarray, target: np.ndarray, seed: int):
@@ -350,6 +354,34 @@ def check_one_spec(model: BenefitModel) -> None:
 
 
 @dataclass
+class BenefitTraining:
+    """The fitted benefit model and what its diagnostics, export and card need, whichever engine trained
+    it: one process (``pipelines.il1_benefit``) or a Dask cluster (``masml.distributed.benefit``), whose
+    workers keep the rows and send back only counts and per-patient numbers."""
+
+    model: BenefitModel
+    selection: Selection
+    population: Any  # training.PopulationReport of the population step (before the treatment filter)
+    skipped_treatment: int  # population rows with no treatment recorded: left out, counted
+    arms: dict[str, int]  # deaths and survivors per arm (``check_arms``)
+    test: pd.DataFrame  # held-out patients: at least patient_id, the label, the treatment, trigger
+    prediction: dict[str, np.ndarray]  # the model's outputs for them (``BenefitModel.predict``)
+    guardrail_status: pd.DataFrame  # one column per guardrail, one row per held-out patient
+    truth: pd.DataFrame | None  # the simulator's truth for them (synthetic data only)
+    x_check: np.ndarray  # held-out input rows for the graph's and explainer's gates and the champion score
+    check_rows: np.ndarray  # their positions among the held-out patients
+    train_t: np.ndarray  # treatment of every training patient
+    train_e: np.ndarray  # their cross-fitted propensity (overlap)
+    phi_train: np.ndarray  # their cross-fitted pseudo-outcomes (AIPW average effect on training)
+    balance: pd.DataFrame  # ``balance_table`` on the training patients
+    train_description: dict
+    test_description: dict
+    training_data: dict
+    split: str
+    log_dataset: Callable[[], None]
+
+
+@dataclass
 class Selection:
     """Out-of-fold losses of every learner (no ground truth used) and the choice they made."""
 
@@ -392,13 +424,31 @@ def select_learner(
         oof["x_learner"][va] = e[va] * _forest_predict(tau0, f[va]) + (1 - e[va]) * _forest_predict(
             tau1, f[va]
         )
+    return choose_learner(oof, ridge_oof, phi, y, t, cross, config.overlap)
+
+
+def choose_learner(
+    oof: dict[str, np.ndarray],
+    ridge_oof: dict[float, np.ndarray],
+    phi: np.ndarray,
+    y: np.ndarray,
+    t: np.ndarray,
+    cross: dict[str, np.ndarray],
+    overlap: Sequence[float],
+) -> Selection:
+    """Out-of-fold benefits of every learner (the ridge's per lambda) -> the loss table and the choice.
+
+    ``select_learner``'s last step, on per-patient numbers only: a cluster computes the out-of-fold
+    predictions where the rows lie and brings these here (``masml.distributed.benefit``).
+    """
+    oof = dict(oof)
     ridge_loss = {lam: float(np.mean((phi - p) ** 2)) for lam, p in ridge_oof.items()}
     best_lam = min(RIDGE_LAMBDAS, key=lambda lam: (ridge_loss[lam], lam))
     oof["dr_ridge"] = ridge_oof[best_lam]
     sq = {name: (phi - oof[name]) ** 2 for name in LEARNERS}
     losses, chosen, best = one_se_choice(sq)
-    ec = np.clip(e, *config.overlap)
-    m = ec * r1 + (1 - ec) * r0  # outcome regression marginal over treatment
+    ec = np.clip(cross["e"], *overlap)
+    m = ec * cross["r1"] + (1 - ec) * cross["r0"]  # outcome regression marginal over treatment
     # R-loss on the death scale: the effect of treatment on death is -benefit.
     losses["r_loss"] = [float(np.mean(((y - m) - (t - ec) * (-oof[name])) ** 2)) for name in LEARNERS]
     return Selection(losses=losses, chosen=chosen, best=best, ridge_lambda=best_lam, oof=oof)

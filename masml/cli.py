@@ -121,13 +121,11 @@ def train(
     units: Path | None = typer.Option(None, "--units", help="YAML file of the dataset's local units."),
     config: Path | None = typer.Option(None, "--config", help="YAML settings (default: configs/TASK.yaml)."),
     out_dir: Path = typer.Option(..., "--out", help="Bundle folder to write (model.onnx + manifest.json)."),
-    cluster: str | None = typer.Option(None, "--cluster", help=CLUSTER_HELP + " Risk models (onset, icu)."),
+    cluster: str | None = typer.Option(None, "--cluster", help=CLUSTER_HELP),
 ) -> None:
     """Train, evaluate, explain and export one model; track the run in MLflow."""
     options = {"units": units, "config_path": config}
     if cluster is not None:
-        if task == Task.il1_benefit:
-            _fail("--cluster trains the risk models (onset, icu); il1_benefit trains on one process")
         options["cluster"] = cluster
     result = _train(task.value, data, out_dir, **options)
     _print_result(task.value, result)

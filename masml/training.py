@@ -259,6 +259,9 @@ class TrainedRiskModel:
     stopped_by_timeout: bool = False  # True: fewer trials than n_trials ran (not reproducible)
     fit_seconds: float = 0.0
     fold_best_rounds: list[int] = field(default_factory=list)
+    # On a cluster only: the best trial's booster of each fold (fold k's never saw fold k's rows), so
+    # that the benefit model can cross-fit predictions where the rows lie (masml.distributed.benefit).
+    fold_boosters: list[Any] = field(default_factory=list)
 
     @property
     def xgb_params(self) -> dict[str, Any]:

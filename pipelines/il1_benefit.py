@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from masml import card, causal, causal_plots, guardrails, tracking
-from masml.bundle import data_fingerprint, write_bundle
+from masml.bundle import write_bundle
 from masml.card import _clean
 from masml.cohort import truth_path_for
 from masml.config import Config, ConfigError, load_config
@@ -40,6 +40,7 @@ from masml.onnx_benefit import (
 from masml.predict import onnx_session
 from masml.schema import TRIGGER_FAMILY
 from masml.training import TrainingDataError, select_population, split_holdout
+from pipelines.risk import one_process_record
 
 TASK = "il1_benefit"
 TRUTH_COLUMNS = ("true_benefit", "true_p_death_untreated", "true_p_death_treated", "true_propensity_il1")
@@ -110,8 +111,14 @@ def run_il1_benefit_pipeline(
     config: Config | None = None,
     log: Callable[[str], None] = print,
     track: bool = True,
+    cluster: str | None = None,
 ) -> BenefitRunResult:
-    """Estimate individual benefit of IL-1 blockade, diagnose it, export the bundle, track the run."""
+    """Estimate individual benefit of IL-1 blockade, diagnose it, export the bundle, track the run.
+
+    ``cluster`` (``local``, ``local:N`` or ``tcp://SCHEDULER``) trains on partitioned Parquet with the
+    rows left on a Dask cluster (``masml.distributed.benefit``); the diagnostics, export, tracking and
+    card after training are the same.
+    """
     started = time.perf_counter()
     data_path, out_dir = Path(data_path), Path(out_dir)
     config = config or load_config(config_path, TASK)
@@ -119,20 +126,32 @@ def run_il1_benefit_pipeline(
         raise ConfigError(f"config key 'task': the benefit pipeline needs task {TASK!r}, got {config.task!r}")
     if track:
         tracking.check_server()  # a tracking server that is down fails the run now, not after training
+    if cluster is None:
+        trained = _train_here(data_path, units, config, log)
+    else:
+        from masml.distributed.benefit import train_benefit_on_cluster
+        from masml.distributed.cluster import connect
+
+        with connect(cluster) as client:
+            trained = train_benefit_on_cluster(client, data_path, units, config, log)
+    return _diagnose_and_export(trained, data_path, out_dir, units, config, log, track, started)
+
+
+def log_selection(selection: causal.Selection, log: Callable[[str], None]) -> None:
+    log(f"{TASK}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})")
+    for _, row in selection.losses.iterrows():
+        log(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")
+
+
+def _train_here(data_path: Path, units, config: Config, log: Callable[[str], None]) -> causal.BenefitTraining:
+    """The single-process path: the whole dataset in memory, a grouped split stratified by arm."""
     frame = load_dataset(data_path, units, require_labels=(config.label, causal.TREATMENT))
     pop, population = select_population(frame, config)
     t_all = causal.treatment_values(pop)
     known = ~np.isnan(t_all)
-    skipped_treatment = int((~known).sum())
     pop, t = pop.loc[known].reset_index(drop=True), t_all[known]
     y = pop[config.label].to_numpy(dtype=float)
     arms = causal.check_arms(t, y, config.folds)
-    log(
-        f"{TASK}: {len(pop):,} MAS patients used ({int(t.sum()):,} treated, {int(y.sum()):,} deaths); "
-        f"skipped {population.skipped_outside_population:,} outside the population, "
-        f"{population.skipped_label_missing:,} with no {config.label} and {skipped_treatment:,} with no "
-        f"{causal.TREATMENT}"
-    )
     groups = pop["patient_id"].astype(str).to_numpy()
     # Stratified by arm: both sides keep the treated share (the learners need both arms on each side).
     train_idx, test_idx = split_holdout(t, groups, config.test_size, config.seed)
@@ -140,43 +159,71 @@ def run_il1_benefit_pipeline(
     xt, yt, tt, gt = x[train_idx], y[train_idx], t[train_idx], groups[train_idx]
 
     # ---- nuisances (tuned, calibrated, cross-fitted), pseudo-outcomes, learner choice, final stage
+    log(
+        f"{TASK}: {len(pop):,} MAS patients used ({int(t.sum()):,} treated, {int(y.sum()):,} deaths); "
+        f"skipped {population.skipped_outside_population:,} outside the population, "
+        f"{population.skipped_label_missing:,} with no {config.label} and {int((~known).sum()):,} with "
+        f"no {causal.TREATMENT}"
+    )
     nuis, cross = causal.fit_nuisances(xt, yt, tt, gt, config.inputs, config, log=log)
     phi_train = causal.pseudo_outcome(yt, tt, cross["r0"], cross["r1"], cross["e"], config.overlap)
     # One feature spec for every sub-model: the nuisances' (config inputs + score_features); the learners'
     # forests (here and in fit_final), the graph and the explainer all use it.
     selection = causal.select_learner(xt, yt, tt, gt, cross, phi_train, config.inputs, config, nuis.spec)
-    log(f"{TASK}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})")
-    for _, row in selection.losses.iterrows():
-        log(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")
+    log_selection(selection, log)
     model = causal.fit_final(
-        selection.chosen,
-        nuis,
-        xt,
-        yt,
-        tt,
-        cross,
-        phi_train,
-        config.inputs,
-        selection.ridge_lambda,
+        selection.chosen, nuis, xt, yt, tt, cross, phi_train, config.inputs, selection.ridge_lambda,
         config.seed,
     )
+    test = pop.iloc[test_idx].reset_index(drop=True)
+    x_test = x[test_idx]
+    pred = model.predict(x_test)
+    truth = _truth_for(data_path, pop)
+    f_train = model.nuisances.untreated.features(xt)
+    return causal.BenefitTraining(
+        model=model,
+        selection=selection,
+        population=population,
+        skipped_treatment=int((~known).sum()),
+        arms=arms,
+        test=test,
+        prediction=pred,
+        guardrail_status=guardrails.evaluate(guardrails.benefit_guardrails(config.overlap), test, pred),
+        truth=truth.iloc[test_idx].reset_index(drop=True) if truth is not None else None,
+        x_check=x_test,
+        check_rows=np.arange(len(test_idx)),
+        train_t=tt,
+        train_e=cross["e"],
+        phi_train=phi_train,
+        balance=causal.balance_table(f_train, feature_names(model.spec), tt, cross["e"], config.overlap),
+        **one_process_record(data_path, frame, pop.iloc[train_idx], test, config, len(pop), truth is not None,
+                             "stratified by treatment"),  # fmt: skip
+    )
+
+
+def _diagnose_and_export(
+    trained: causal.BenefitTraining, data_path: Path, out_dir: Path, units, config: Config,
+    log: Callable[[str], None], track: bool, started: float,
+) -> BenefitRunResult:  # fmt: skip
+    """Held-out diagnostics, the graph and its explainer (each behind its gate), the bundle, the run's
+    tracking and the card: the same whichever engine trained the model."""
+    model, test, pred = trained.model, trained.test, trained.prediction
 
     # ---- held-out diagnostics (nuisances never saw these patients)
-    x_test, y_test, t_test = x[test_idx], y[test_idx], t[test_idx]
-    test = pop.iloc[test_idx].reset_index(drop=True)
-    pred = model.predict(x_test)
+    y_test, t_test = test[config.label].to_numpy(dtype=float), causal.treatment_values(test)
     tau, r0, r1, e = (pred[k] for k in ("benefit", "risk_untreated", "risk_treated", "propensity"))
     phi = causal.pseudo_outcome(y_test, t_test, r0, r1, e, config.overlap)
+    phi_train, tt = trained.phi_train, trained.train_t
+    selection = trained.selection
     low, high = config.overlap
     inside = (e >= low) & (e <= high)
     overlap_test = causal.overlap_report(e, t_test, config.overlap)
-    overlap_train = causal.overlap_report(cross["e"], tt, config.overlap)
+    overlap_train = causal.overlap_report(trained.train_e, tt, config.overlap)
     for where, rep in (("training", overlap_train), ("held-out", overlap_test)):
         log(f"{TASK}: {where}: {rep['n_outside']} of {rep['n']} patients outside overlap {rep['bounds']}")
         if rep["warning"]:
             log(f"{TASK}: WARNING ({where}): {rep['warning']}")
-    f_train = model.nuisances.untreated.features(xt)
-    balance = causal.balance_table(f_train, feature_names(model.spec), tt, cross["e"], config.overlap)
+    balance = trained.balance
     report = {
         "ate_aipw": causal.aipw(phi),
         "ate_aipw_trimmed": causal.aipw(phi[inside]),
@@ -201,7 +248,7 @@ def run_il1_benefit_pipeline(
             "ridge_lambda": selection.ridge_lambda,
             "losses": selection.losses.to_dict(orient="records"),
         },
-        "arms": arms,
+        "arms": trained.arms,
         # 95% CIs beside the numbers above (added keys; the ones above keep their shape): influence-function
         # intervals like the AIPW effect's, Wilson for the share treated (masml/causal.py says why).
         "calibration_slope_ci": causal.calibration_slope_ci(tau, phi),
@@ -209,15 +256,15 @@ def run_il1_benefit_pipeline(
             tau, y_test, t_test, r0, r1, e, config.overlap
         ),
     }
-    truth = _truth_for(data_path, pop)
+    truth = trained.truth
     family = test["trigger"].map(TRIGGER_FAMILY).to_numpy()
-    true_tau = truth["true_benefit"].to_numpy()[test_idx] if truth is not None else None
+    true_tau = truth["true_benefit"].to_numpy() if truth is not None else None
     by_family = causal.benefit_by_group(tau, phi, family, true_tau)
     report["benefit_by_trigger_family"] = by_family.to_dict(orient="records")
     ate = report["ate_aipw"]
     log(f"{TASK}: AIPW average benefit {ate['estimate']:+.4f} [{ate['ci_low']:+.4f}, {ate['ci_high']:+.4f}]")
     if truth is not None:
-        report["truth"] = causal.truth_metrics(tau, truth.iloc[test_idx], float(phi_train.mean()))
+        report["truth"] = causal.truth_metrics(tau, truth, float(phi_train.mean()))
         tr = report["truth"]
         d = tr["deaths_per_100"]
         log(
@@ -228,12 +275,13 @@ def run_il1_benefit_pipeline(
 
     # ---- export: one graph, checked against the Python path; guardrails as data
     onnx_model = benefit_model_to_onnx(model)
-    parity = benefit_parity_gate(onnx_model, model, x_test, seed=config.seed)
+    x_check = trained.x_check
+    parity = benefit_parity_gate(onnx_model, model, x_check, seed=config.seed)
     log(f"{TASK}: ONNX parity max |Δ| = {parity['max_abs_diff']:.2e} over {parity['n_rows']:,} rows")
     # ---- explainer: exact SHAP of both outcome models (and their difference), checked against shap
     explainer, explainer_section = benefit_explainer_to_onnx(model)
-    sample = np.sort(np.random.default_rng(config.seed).choice(len(x_test), min(len(x_test), 2_000), False))
-    ex_parity = benefit_explainer_parity_gate(explainer, onnx_model, model, x_test[sample], seed=config.seed)
+    sample = np.sort(np.random.default_rng(config.seed).choice(len(x_check), min(len(x_check), 2_000), False))
+    ex_parity = benefit_explainer_parity_gate(explainer, onnx_model, model, x_check[sample], seed=config.seed)
     parity["explainer"] = ex_parity
     explainer_section["parity"] = {
         block: {k: v for k, v in ex_parity[block].items() if k != "by_kind"}
@@ -242,7 +290,7 @@ def run_il1_benefit_pipeline(
     shap_d, sum_d = ex_parity["max_abs_diff_contributions"], ex_parity["max_abs_diff_additivity"]
     log(f"{TASK}: explainer parity (both outcome models) max |Δshap| = {shap_d:.2e}, additivity {sum_d:.2e}")
     rules = guardrails.benefit_guardrails(config.overlap)
-    status = guardrails.evaluate(rules, test, pred)
+    status = trained.guardrail_status
     fired = {rule: int((status[rule] == guardrails.FIRES).sum()) for rule in status.columns}
     manifest = {
         "task": TASK,
@@ -272,7 +320,7 @@ def run_il1_benefit_pipeline(
             ),
         },
         "metrics": {
-            "test_rows": int(len(test_idx)),
+            "test_rows": int(len(test)),
             "ate_aipw": report["ate_aipw"],
             "ate_aipw_trimmed": report["ate_aipw_trimmed"],
             "calibration_slope": report["calibration_slope"],
@@ -286,15 +334,7 @@ def run_il1_benefit_pipeline(
             "benefit_by_trigger_family": report["benefit_by_trigger_family"],
             **({"truth": report["truth"]} if truth is not None else {}),
         },
-        "training_data": {
-            "source": str(data_path.name),
-            "fingerprint": data_fingerprint(frame),
-            "rows": int(len(frame)),
-            "rows_used": int(len(pop)),
-            "train_rows": int(len(train_idx)),
-            "test_rows": int(len(test_idx)),
-            "synthetic": truth is not None,
-        },
+        "training_data": trained.training_data,
         "owner": config.owner,
         "contact": config.contact,
         "explainer": explainer_section,
@@ -307,18 +347,19 @@ def run_il1_benefit_pipeline(
         "model": model,
         "balance": balance,
         "test": test,
-        "x_test": x_test,
+        "x_test": x_check,
+        "check_rows": trained.check_rows,
         "phi_test": phi,
         "prediction": pred,
         "guardrail_status": status,
-        "population": population,
-        "skipped_treatment_missing": skipped_treatment,
+        "population": trained.population,
+        "skipped_treatment_missing": trained.skipped_treatment,
         "seconds": time.perf_counter() - started,
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         drawn = [
-            causal_plots.overlap_plot(cross["e"], tt, config.overlap, tmp / "overlap.png"),
+            causal_plots.overlap_plot(trained.train_e, tt, config.overlap, tmp / "overlap.png"),
             causal_plots.balance_plot(balance, tmp / "balance.png"),
             causal_plots.benefit_by_trigger_plot(
                 tau, test["trigger"].to_numpy(), tmp / "benefit_by_trigger.png"
@@ -327,10 +368,11 @@ def run_il1_benefit_pipeline(
         ]
         result.extra["figures"] = {path.stem: path.read_bytes() for path in drawn}
     if track:
-        _track(result, config, frame, model_bytes, balance, log)
+        _track(result, config, trained.log_dataset, model_bytes, balance, log)
     card_data = card.benefit_card_content(
-        manifest=written, config=config, population=population, train=pop.iloc[train_idx], test=test,
-        report=_finite(report), figures=result.extra["figures"], units_file=str(units) if units else None,
+        manifest=written, config=config, population=trained.population, train=trained.train_description,
+        test=trained.test_description, split=trained.split, report=_finite(report),
+        figures=result.extra["figures"], units_file=str(units) if units else None,
         run={"run_id": result.run_id, "version": result.registered_version,
              "tracking_uri": tracking.tracking_uri() if track else ""},
     )  # fmt: skip
@@ -353,7 +395,7 @@ def _graph_benefit(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(["benefit"], {session.get_inputs()[0].name: x})[0], dtype=float).ravel()
 
 
-def _track(result, config, frame, model_bytes, balance, log) -> None:
+def _track(result, config, log_dataset, model_bytes, balance, log) -> None:
     import mlflow
 
     from pipelines.risk import _flat
@@ -365,7 +407,7 @@ def _track(result, config, frame, model_bytes, balance, log) -> None:
         for name in ("untreated", "treated", "propensity"):
             m = getattr(result.extra["model"].nuisances, name)
             mlflow.log_params({f"{name}.{k}": v for k, v in m.best_params.items()})
-        tracking.log_dataset(frame, result.manifest["training_data"]["source"], config.label, "training")
+        log_dataset()
         metrics = {k: v for k, v in result.manifest["metrics"].items() if k != "guardrails_fired_test"}
         mlflow.log_metrics(tracking.flat_metrics("test", metrics))
         mlflow.log_metric("parity_max_abs_diff", result.parity["max_abs_diff"])
@@ -384,7 +426,7 @@ def _track(result, config, frame, model_bytes, balance, log) -> None:
             for name in ("balance.csv", "selection.csv", "report.json"):
                 mlflow.log_artifact(str(tmp / name), "evaluation")
         mlflow.log_artifacts(str(result.bundle_dir), "bundle")
-        x_test, phi = result.extra["x_test"], result.extra["phi_test"]
+        x_test, phi = result.extra["x_test"], result.extra["phi_test"][result.extra["check_rows"]]
         example = onnx_session(model_bytes).run(list(OUTPUTS), {"inputs": x_test[:5]})
         version = tracking.log_onnx_model(
             model_bytes, x_test[:5], dict(zip(OUTPUTS, example, strict=True)), config.registered_model

@@ -163,27 +163,38 @@ def _train_here(data_path: Path, units, config: Config, log) -> RiskTraining:
     truth = _truth_for(data_path, pop, config.label)
     if truth is not None:
         held["ceiling"] = truth[test_idx]
-    source = str(data_path.name)
     return RiskTraining(
         model=model,
         population=population,
         held_out=held,
         x_check=x_test,
         y_check=y[test_idx],
-        train_description=card.data_description(pop.iloc[train_idx], config.inputs, config.label),
-        test_description=card.data_description(test, config.inputs, config.label),
-        training_data={
+        **one_process_record(data_path, frame, pop.iloc[train_idx], test, config, population.rows_used,
+                             truth is not None, "stratified"),  # fmt: skip
+    )
+
+
+def one_process_record(data_path: Path, frame: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame,
+                       config: Config, rows_used: int, synthetic: bool, stratified: str) -> dict:  # fmt: skip
+    """The fields a one-process model's record shares, risk or benefit model: the data descriptions,
+    the training data, the split (``stratified`` says by what) and the dataset logger."""
+    source = str(data_path.name)
+    return {
+        "train_description": card.data_description(train, config.inputs, config.label),
+        "test_description": card.data_description(test, config.inputs, config.label),
+        "training_data": {
             "source": source,
             "fingerprint": data_fingerprint(frame),
             "rows": int(len(frame)),
-            "rows_used": population.rows_used,
-            "train_rows": int(len(train_idx)),
-            "test_rows": int(len(test_idx)),
-            "synthetic": truth is not None,
+            "rows_used": int(rows_used),
+            "train_rows": int(len(train)),
+            "test_rows": int(len(test)),
+            "synthetic": synthetic,
         },
-        split=f"held-out {config.test_size:.0%} stratified and grouped by patient_id (seed {config.seed})",
-        log_dataset=lambda: tracking.log_dataset(frame, source, config.label, "training"),
-    )
+        "split": f"held-out {config.test_size:.0%} {stratified} and grouped by patient_id "
+        f"(seed {config.seed})",
+        "log_dataset": lambda: tracking.log_dataset(frame, source, config.label, "training"),
+    }
 
 
 def _evaluate_and_export(task, trained: RiskTraining, data_path, out_dir, units, config, log, track):

@@ -155,11 +155,21 @@ def _held_out(prep: dict, truth: tuple[Piece, str] | None, models: dict, columns
 
 def _truth_pieces(data_path: Path, parts: list[Piece], label: str) -> list[tuple[Piece, str] | None]:
     """The ground truth beside a simulated cohort, piece by piece, when it is laid out like the data."""
-    from masml.cohort import TRUTH_COLUMN, truth_path_for
+    from masml.cohort import TRUTH_COLUMN
 
-    path, column = truth_path_for(data_path), TRUTH_COLUMN.get(label)
-    if column is None or not path.exists():
-        return [None] * len(parts)
+    column = TRUTH_COLUMN.get(label)
+    truth = truth_pieces(data_path, parts) if column is not None else None
+    return [None] * len(parts) if truth is None else [(t, column) for t in truth]
+
+
+def truth_pieces(data_path: Path, parts: list[Piece]) -> list[Piece] | None:
+    """The pieces of the ground truth beside a simulated cohort (None when there is none); refuses a truth
+    not laid out one for one like the data, before any training."""
+    from masml.cohort import truth_path_for
+
+    path = truth_path_for(data_path)
+    if not path.exists():
+        return None
     truth = pieces(path)
     if [p.rows for p in truth] != [p.rows for p in parts]:
         raise TrainingDataError(
@@ -167,7 +177,17 @@ def _truth_pieces(data_path: Path, parts: list[Piece], label: str) -> list[tuple
             "must match one for one, as `masml cohort --out FOLDER` writes them); move it away to train "
             "without a ceiling"
         )
-    return [(t, column) for t in truth]
+    return truth
+
+
+def fingerprint_on_cluster(client, loaded) -> str:
+    """``masml.bundle.data_fingerprint`` of a partitioned dataset: the same bytes, in the same order,
+    hashed here from each partition's row hashes (the rows stay on the workers)."""
+    digest = hashlib.sha256()
+    digest.update("\x1f".join(map(str, loaded.frame.columns)).encode())
+    for chunk in client.gather(client.map(_row_hashes, loaded.partitions, pure=False)):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _dataset_logger(data_path: Path, fingerprint: str) -> Callable[[], None]:
@@ -240,11 +260,7 @@ def train_on_cluster(client, data_path: str | Path, units, config: Config, held_
 
     described = client.gather(client.map(_descriptions, prepared, inputs=config.inputs, label=config.label,
                                          pure=False))  # fmt: skip
-    digest = hashlib.sha256()
-    digest.update("\x1f".join(map(str, loaded.frame.columns)).encode())
-    for chunk in client.gather(client.map(_row_hashes, loaded.partitions, pure=False)):
-        digest.update(chunk)  # the same bytes, in the same order, as masml.bundle.data_fingerprint
-    fingerprint = digest.hexdigest()
+    fingerprint = fingerprint_on_cluster(client, loaded)
     log(f"{config.task}: trained on the cluster in {time.perf_counter() - started:.0f} s")
     return RiskTraining(
         model=model,
@@ -252,23 +268,28 @@ def train_on_cluster(client, data_path: str | Path, units, config: Config, held_
         held_out=held,
         x_check=x_check,
         y_check=y_check,
-        train_description=card.merge_descriptions([d[0] for d in described]),
-        test_description=card.merge_descriptions([d[1] for d in described]),
-        training_data={
-            "source": data_path.name,
-            "fingerprint": fingerprint,
-            "rows": loaded.rows,
-            "rows_used": population.rows_used,
-            "train_rows": n_train,
-            "test_rows": n_test,
-            "synthetic": synthetic,
-            "engine": f"dask ({len(client.scheduler_info(n_workers=-1)['workers'])} workers, "
-            f"{len(loaded.pieces)} partitions)",
-        },
-        split=f"held-out {config.test_size:.0%} by a seeded hash of patient_id (seed {config.seed}): grouped "
-        "by patient, stratified in expectation",
-        log_dataset=_dataset_logger(data_path, fingerprint),
+        **cluster_record(client, data_path, loaded, fingerprint, described, config,
+                         rows_used=population.rows_used, train_rows=n_train, test_rows=n_test,
+                         synthetic=synthetic),  # fmt: skip
     )
+
+
+def cluster_record(client, data_path: Path, loaded, fingerprint: str, described: list, config: Config,
+                   **counts) -> dict[str, Any]:  # fmt: skip
+    """The fields a cluster-trained model's record shares, risk or benefit model: the data description
+    merged from the partitions', the training data (with the engine), the split and the dataset logger."""
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    return {
+        "train_description": card.merge_descriptions([d[0] for d in described]),
+        "test_description": card.merge_descriptions([d[1] for d in described]),
+        "training_data": {
+            "source": data_path.name, "fingerprint": fingerprint, "rows": loaded.rows, **counts,
+            "engine": f"dask ({workers} workers, {len(loaded.pieces)} partitions)",
+        },  # fmt: skip
+        "split": f"held-out {config.test_size:.0%} by a seeded hash of patient_id (seed {config.seed}): "
+        "grouped by patient, stratified in expectation",
+        "log_dataset": _dataset_logger(data_path, fingerprint),
+    }
 
 
 def worker_groups(client, n: int) -> list[list[str]]:
@@ -488,4 +509,5 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
         stopped_by_timeout=len(records) < tuning.n_trials,
         fit_seconds=time.perf_counter() - started,
         fold_best_rounds=list(best["rounds"]),
+        fold_boosters=list(best["boosters"]),
     )
