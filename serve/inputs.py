@@ -81,6 +81,10 @@ class InputSpec:
             required=bool(entry.get("required", False)),
             categories=entry.get("categories"),
         )
+        if (spec.low is None) != (spec.high is None):  # refused at load, not a TypeError per request
+            given, absent = ("low", "high") if spec.high is None else ("high", "low")
+            raise ValueError(f"input {spec.name!r} gives a {given} bound without a {absent} one: a valid "
+                             "range needs both, or neither")  # fmt: skip
         if kind == "category":
             if not spec.categories:
                 raise ValueError(f"category input {spec.name!r} lists no categories")
@@ -103,9 +107,10 @@ class InputSpec:
             return f"one of {self.categories}"
         if self.kind == "binary":
             return "0, 1, true or false"
-        rng = f"between {_fmt(self.low)} and {_fmt(self.high)}" if self.low is not None else "a finite number"
         units = f' (or {{"value": x, "unit": u}} with u in {self.accepted})' if len(self.accepted) > 1 else ""
-        return f"a number in {self.unit} {rng}{units}"
+        if self.low is None:
+            return f"a finite number in {self.unit}{units}"
+        return f"a number in {self.unit} between {_fmt(self.low)} and {_fmt(self.high)}{units}"
 
     def unit_for(self, unit: str) -> Unit | None:
         if unit in self.seen_units:  # clients repeat a handful of spellings; normalising costs regexes
@@ -261,7 +266,7 @@ class Encoder:
         """Vectorised when the column is clean; otherwise value by value, to name each problem."""
         fast = self._fast(spec, col)
         if fast is not None:
-            if spec.kind == "numeric" and (spec.required or spec.low is not None):
+            if spec.kind == "numeric":  # in range, or finite when the input has no range
                 self._check_plain(spec, fast, where, probs)
             elif spec.required and np.isnan(fast).any():
                 for i in np.flatnonzero(np.isnan(fast)):
@@ -337,19 +342,25 @@ class Encoder:
     def _check_plain(self, spec: InputSpec, values: np.ndarray, where: str, probs: list[dict]) -> None:
         missing = np.isnan(values)
         with np.errstate(invalid="ignore"):
-            bad = ~missing & ~((values >= spec.low) & (values <= spec.high)) if spec.low is not None else ()
+            if spec.low is None:
+                bad = ~missing & ~np.isfinite(values)  # JSON's 1e999 decodes to inf
+            else:
+                bad = ~missing & ~((values >= spec.low) & (values <= spec.high))
         if spec.required and missing.any():
             for i in np.flatnonzero(missing):
                 probs.append(self._missing(spec, f"{where}[{i}].{spec.name}"))
-        if len(bad) and bad.any():
+        if bad.any():
             for i in np.flatnonzero(bad):
-                probs.append(self._range(spec, f"{where}[{i}].{spec.name}", values[i]))
+                probs.append(self._range(spec, f"{where}[{i}].{spec.name}", float(values[i])))
 
     def _missing(self, spec: InputSpec, path: str | tuple) -> dict:
         return problem(path, "required", f"{spec.name} is required", expected=spec.expected())
 
     def _range(self, spec: InputSpec, path: str | tuple, canonical: float, raw: Any = None) -> dict:
         shown = f"{_fmt(canonical)} {spec.unit}" + (f" (sent as {raw})" if raw is not None else "")
+        if spec.low is None:
+            return problem(path, "out_of_range", f"{shown} is not a finite number",
+                           value=canonical if raw is None else raw, expected=spec.expected())  # fmt: skip
         return problem(
             path,
             "out_of_range",
@@ -451,7 +462,7 @@ class Encoder:
         lo, hi, integral, req = self._bnd
         missing = np.isnan(x)
         with np.errstate(invalid="ignore"):
-            bad = ~missing & ((x < lo) | (x > hi) | (integral & (x != np.floor(x))))
+            bad = ~missing & (~np.isfinite(x) | (x < lo) | (x > hi) | (integral & (x != np.floor(x))))
         absent = missing & req
         if not (bad.any() or absent.any()):
             return
@@ -467,6 +478,8 @@ class Encoder:
                 else "0 or 1"
                 if spec.kind == "binary"
                 else f"between {_fmt(spec.low)} and {_fmt(spec.high)} {spec.unit}"
+                if spec.low is not None
+                else f"a finite number in {spec.unit}"
             )
             msg = (
                 f"{spec.name} is required"
