@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, count, repeat
+from operator import is_
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,10 @@ class InputSpec:
             required=bool(entry.get("required", False)),
             categories=entry.get("categories"),
         )
+        if (spec.low is None) != (spec.high is None):  # refused at load, not a TypeError per request
+            given, absent = ("low", "high") if spec.high is None else ("high", "low")
+            raise ValueError(f"input {spec.name!r} gives a {given} bound without a {absent} one: a valid "
+                             "range needs both, or neither")  # fmt: skip
         if kind == "category":
             if not spec.categories:
                 raise ValueError(f"category input {spec.name!r} lists no categories")
@@ -102,9 +107,10 @@ class InputSpec:
             return f"one of {self.categories}"
         if self.kind == "binary":
             return "0, 1, true or false"
-        rng = f"between {_fmt(self.low)} and {_fmt(self.high)}" if self.low is not None else "a finite number"
         units = f' (or {{"value": x, "unit": u}} with u in {self.accepted})' if len(self.accepted) > 1 else ""
-        return f"a number in {self.unit} {rng}{units}"
+        if self.low is None:
+            return f"a finite number in {self.unit}{units}"
+        return f"a number in {self.unit} between {_fmt(self.low)} and {_fmt(self.high)}{units}"
 
     def unit_for(self, unit: str) -> Unit | None:
         if unit in self.seen_units:  # clients repeat a handful of spellings; normalising costs regexes
@@ -127,6 +133,8 @@ def _fmt(v: float | None) -> str:
 
 _PLAIN = {int, float, type(None)}
 _BINARY = _PLAIN | {bool}
+_UNITS = _PLAIN | {dict}  # numbers and unit objects
+_BIG = 1e308  # an int beyond this may not convert to a finite float: left to _value
 
 
 class Encoder:
@@ -149,38 +157,15 @@ class Encoder:
         n = len(patients)
         if n == 0:
             raise invalid(where, "empty", "the batch is empty", expected="at least one patient")
-        ids: list[Any] = [None] * n
         rows_ok = set(map(type, patients)) == {dict}
         clean = rows_ok and set().union(*patients) <= self.allowed  # one C-level pass instead of n
         if not clean:
             rows_ok = self._check_rows(patients, where, probs)
-        if rows_ok:
-            for i, pid in enumerate(map(dict.get, patients, repeat(ID_FIELD, n))):
-                if pid is None:
-                    continue
-                if (isinstance(pid, str) and len(pid) <= 128) or (
-                    type(pid) is int and -(2**63) <= pid < 2**63
-                ):
-                    ids[i] = pid
-                else:
-                    probs.append(
-                        problem(
-                            f"{where}[{i}].{ID_FIELD}",
-                            "type",
-                            "patient_id must be a string or an integer (at most 128 characters)",
-                            value=pid,
-                        )
-                    )
+        ids = self._ids(patients, where, probs) if rows_ok else []
         if not rows_ok:
             raise Problems(422, "invalid input", probs)
         if n <= 4:  # a few patients: value by value is cheaper than numpy per column
-            x = np.array(
-                [
-                    [self._value(s, p.get(s.name), (where, i, s.name), probs) for s in self.specs]
-                    for i, p in enumerate(patients)
-                ],
-                dtype=np.float64,
-            )
+            x = np.array(self._rows(patients, where, probs), dtype=np.float64)
             if probs:
                 raise Problems(422, "invalid input", probs)
             return x, ids
@@ -191,6 +176,65 @@ class Encoder:
         if probs:
             raise Problems(422, "invalid input", probs)
         return x, ids
+
+    @staticmethod
+    def _ids(patients: list[dict], where: str, probs: list[dict]) -> list[Any]:
+        """Each patient's ``patient_id`` (None where not given); a bad one is a problem.
+
+        Why two paths: ids are almost always short strings, checked for a whole batch in C loops; only
+        a batch with another kind of id is walked patient by patient to name the bad ones."""
+        ids = list(map(dict.get, patients, repeat(ID_FIELD)))
+        if set(map(type, ids)) <= {str, type(None)} and max(map(len, filter(None, ids)), default=0) <= 128:
+            return ids
+        for i, pid in enumerate(ids):
+            if pid is None:
+                continue
+            if not (
+                (isinstance(pid, str) and len(pid) <= 128) or (type(pid) is int and -(2**63) <= pid < 2**63)
+            ):
+                ids[i] = None
+                probs.append(
+                    problem(
+                        f"{where}[{i}].{ID_FIELD}",
+                        "type",
+                        "patient_id must be a string or an integer (at most 128 characters)",
+                        value=pid,
+                    )
+                )
+        return ids
+
+    def _rows(self, patients: list[dict], where: str, probs: list[dict]) -> list[list[float]]:
+        """A few patients, value by value: plain well-formed values (a number in range, a known category,
+        0/1, an optional value left out) are taken inline, anything else goes through ``_value``, which
+        converts units and writes each problem.
+
+        Why inline: this is the one-patient path, where a Python call per input (35 of them) costs more
+        than the checks themselves; ``_value`` stays the one place that says what a value means."""
+        nan, value, out = math.nan, self._value, []
+        for i, p in enumerate(patients):
+            row = []
+            for spec in self.specs:
+                v = p.get(spec.name)
+                t = type(v)
+                kind = spec.kind
+                if v is None and not spec.required:
+                    row.append(nan)
+                    continue
+                if kind == "numeric" and (t is float or t is int) and -_BIG < v < _BIG:
+                    c = float(v)
+                    low = spec.low
+                    if c - c == 0.0 and (low is None or low <= c <= spec.high):  # type: ignore[operator]
+                        row.append(c)
+                        continue
+                elif kind == "category" and t is str and v in spec.index:
+                    row.append(float(spec.index[v]))
+                    continue
+                elif kind == "binary" and (t is bool or t is int or t is float) and (v == 0 or v == 1):
+                    row.append(float(v))
+                    continue
+                row.append(value(spec, v, (where, i, spec.name), probs))
+            out.append(row)
+        return out
 
     def _check_rows(self, patients: list, where: str, probs: list[dict]) -> bool:
         ok = True
@@ -222,7 +266,7 @@ class Encoder:
         """Vectorised when the column is clean; otherwise value by value, to name each problem."""
         fast = self._fast(spec, col)
         if fast is not None:
-            if spec.kind == "numeric" and (spec.required or spec.low is not None):
+            if spec.kind == "numeric":  # in range, or finite when the input has no range
                 self._check_plain(spec, fast, where, probs)
             elif spec.required and np.isnan(fast).any():
                 for i in np.flatnonzero(np.isnan(fast)):
@@ -248,26 +292,75 @@ class Encoder:
                     return None
                 values = np.array(col, dtype=np.float64)
                 return values if np.all(np.isnan(values) | (values == 0) | (values == 1)) else None
-            return np.array(col, dtype=np.float64) if types <= _PLAIN else None
+            if types <= _PLAIN:
+                return np.array(col, dtype=np.float64)
+            return Encoder._with_units(spec, col) if spec.kind == "numeric" and types <= _UNITS else None
         except (TypeError, OverflowError):  # unhashable or huge values: the slow path reports them
             return None
+
+    @staticmethod
+    def _with_units(spec: InputSpec, col: list) -> np.ndarray | None:
+        """A numeric column holding ``{"value": x, "unit": u}`` objects beside plain numbers, converted
+        with numpy; None unless every value is well formed, in a known unit, and in range.
+
+        Why all or nothing: a column with any problem goes value by value (``_value``), which names each
+        problem in row order; a clean one (the usual case: a lab system sending its own units) is
+        converted in a few array operations instead of one Python call per patient."""
+        rows = list(compress(count(), map(is_, map(type, col), repeat(dict))))  # C loops, no Python frame
+        objs = [col[i] for i in rows]
+        values = list(map(dict.get, objs, repeat("value")))
+        units = list(map(dict.get, objs, repeat("unit")))
+        if (
+            set(map(len, objs)) != {2}  # with a number and a string below: exactly "value" and "unit"
+            or not set(map(type, values)) <= {int, float}
+            or not set(map(type, units)) <= {str}
+        ):
+            return None
+        convs = [(u, spec.unit_for(u)) for u in set(units)]
+        if any(c is None for _, c in convs):
+            return None
+        factor = np.array(list(map({u: c.factor for u, c in convs}.get, units)))  # type: ignore[union-attr]
+        offset = np.array(list(map({u: c.offset for u, c in convs}.get, units)))  # type: ignore[union-attr]
+        plain = col.copy()
+        for i in rows:
+            plain[i] = None
+        out = np.array(plain, dtype=np.float64)
+        converted = np.array(values, dtype=np.float64) * factor + offset  # as _value: x * factor + offset
+        if not np.isfinite(converted).all():
+            return None
+        out[rows] = converted
+        missing = np.isnan(out)
+        if spec.required and missing.any():
+            return None
+        present = out[~missing]
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(present).all() and (
+                spec.low is None or bool(((present >= spec.low) & (present <= spec.high)).all())
+            )
+        return out if ok else None
 
     def _check_plain(self, spec: InputSpec, values: np.ndarray, where: str, probs: list[dict]) -> None:
         missing = np.isnan(values)
         with np.errstate(invalid="ignore"):
-            bad = ~missing & ~((values >= spec.low) & (values <= spec.high)) if spec.low is not None else ()
+            if spec.low is None:
+                bad = ~missing & ~np.isfinite(values)  # JSON's 1e999 decodes to inf
+            else:
+                bad = ~missing & ~((values >= spec.low) & (values <= spec.high))
         if spec.required and missing.any():
             for i in np.flatnonzero(missing):
                 probs.append(self._missing(spec, f"{where}[{i}].{spec.name}"))
-        if len(bad) and bad.any():
+        if bad.any():
             for i in np.flatnonzero(bad):
-                probs.append(self._range(spec, f"{where}[{i}].{spec.name}", values[i]))
+                probs.append(self._range(spec, f"{where}[{i}].{spec.name}", float(values[i])))
 
     def _missing(self, spec: InputSpec, path: str | tuple) -> dict:
         return problem(path, "required", f"{spec.name} is required", expected=spec.expected())
 
     def _range(self, spec: InputSpec, path: str | tuple, canonical: float, raw: Any = None) -> dict:
         shown = f"{_fmt(canonical)} {spec.unit}" + (f" (sent as {raw})" if raw is not None else "")
+        if spec.low is None:
+            return problem(path, "out_of_range", f"{shown} is not a finite number",
+                           value=canonical if raw is None else raw, expected=spec.expected())  # fmt: skip
         return problem(
             path,
             "out_of_range",
@@ -369,7 +462,7 @@ class Encoder:
         lo, hi, integral, req = self._bnd
         missing = np.isnan(x)
         with np.errstate(invalid="ignore"):
-            bad = ~missing & ((x < lo) | (x > hi) | (integral & (x != np.floor(x))))
+            bad = ~missing & (~np.isfinite(x) | (x < lo) | (x > hi) | (integral & (x != np.floor(x))))
         absent = missing & req
         if not (bad.any() or absent.any()):
             return
@@ -385,6 +478,8 @@ class Encoder:
                 else "0 or 1"
                 if spec.kind == "binary"
                 else f"between {_fmt(spec.low)} and {_fmt(spec.high)} {spec.unit}"
+                if spec.low is not None
+                else f"a finite number in {spec.unit}"
             )
             msg = (
                 f"{spec.name} is required"

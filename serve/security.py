@@ -16,6 +16,7 @@ import hmac
 import os
 import sys
 import time
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,29 @@ class Audit:
         key = os.environ.get("MASML_SERVE_AUDIT_KEY")
         self.key = key.encode() if key else None
         self.encoder = msgspec.json.Encoder()
+        self._inner, self._outer = _hash_states(self.key)
 
     def input_hashes(self, x32: np.ndarray) -> list[str]:
-        rows = np.ascontiguousarray(x32)
-        if self.key:
-            return [hmac.new(self.key, r.tobytes(), "sha256").hexdigest()[:32] for r in rows]
-        return [hashlib.sha256(r.tobytes()).hexdigest()[:32] for r in rows]
+        """Per row of ``x32``: the first 32 hex digits of sha256 (or HMAC-SHA256 with the audit key) of
+        the row's float32 bytes.
+
+        Why hash states copied per row: creating a hash (above all an HMAC, which hashes its key pads
+        again) costs more than hashing one 140-byte row, so the key pads are hashed once, here and in
+        ``_hash_states``, and each row starts from a copy: the same bytes as ``hmac.new``/``sha256``,
+        at about half the cost for a 1,000-patient batch."""
+        data = np.ascontiguousarray(x32).tobytes()
+        width = len(data) // x32.shape[0] if x32.shape[0] else 0
+        inner, outer = self._inner.copy, self._outer.copy if self._outer is not None else None
+        out = []
+        for start in range(0, width * x32.shape[0], width) if width else repeat(0, x32.shape[0]):
+            h = inner()
+            h.update(data[start : start + width])
+            if outer is not None:
+                o = outer()
+                o.update(h.digest())
+                h = o
+            out.append(h.hexdigest()[:32])
+        return out
 
     def write(
         self,
@@ -121,14 +139,40 @@ class Audit:
             "n": int(x32.shape[0]),
         } | (extra or {})  # e.g. the explainer's sha256 on explain requests (explanations are not logged)
         head = self.encoder.encode(common)[:-1] + b',"index":'  # the shared fields, once per request
-        names = list(outputs)
-        columns = [outputs[k] for k in names]
         enc = self.encoder.encode
+        # each output column encoded in one call and cut at its commas (numbers and null hold none), so
+        # a line is one bytes format, not one dict and one encode per patient
+        keys = b",".join(enc(k).replace(b"%", b"%%") + b":%s" for k in outputs)
+        fmt = b'%s%d,"input_sha256":"%s","outputs":{' + keys + b"}}\n"
+        columns = [
+            enc(v)[1:-1].split(b",") if v and _numbers(v) else list(map(enc, v)) for v in outputs.values()
+        ]
         lines = [
-            b'%s%d,"input_sha256":"%s","outputs":%s}\n'
-            % (head, i, h.encode(), enc(dict(zip(names, [c[i] for c in columns], strict=True))))
-            for i, h in enumerate(self.input_hashes(x32))
+            fmt % (head, i, h.encode(), *values)
+            for i, (h, *values) in enumerate(zip(self.input_hashes(x32), *columns, strict=True))
         ]
         data = b"".join(lines)
         while data:  # a regular file takes it in one call; a pipe (stderr) may take it in parts
             data = data[os.write(self.fd, data) :]
+
+
+_HMAC_BLOCK = 64  # sha256's block size, the length HMAC pads its key to (RFC 2104)
+
+
+def _hash_states(key: bytes | None) -> tuple[Any, Any]:
+    """(inner, outer) sha256 states to copy per row: HMAC's key pads already hashed when there is a
+    key (RFC 2104, as ``hmac.new`` computes it), else a fresh sha256 and no outer state."""
+    if not key:
+        return hashlib.sha256(), None
+    if len(key) > _HMAC_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_HMAC_BLOCK, b"\0")
+    return (
+        hashlib.sha256(bytes(b ^ 0x36 for b in key)),
+        hashlib.sha256(bytes(b ^ 0x5C for b in key)),
+    )
+
+
+def _numbers(values: list) -> bool:
+    """True when every value is a float, an int or None: their JSON texts hold no comma."""
+    return set(map(type, values)) <= {float, int, type(None)}

@@ -506,3 +506,26 @@ def test_a_bad_batch_threads_setting_stops_the_service_naming_it(bundle, bad):
     assert r.returncode != 0
     assert f"MASML_SERVE_BATCH_THREADS is {bad!r}; expected a whole number >= 1" in r.stderr
 
+
+
+@pytest.mark.parametrize("n", [1, 6])  # the one-to-four-patient path and the column path
+def test_an_input_without_a_range_still_refuses_infinity_on_every_path(n):
+    """JSON's 1e999 decodes to inf: an input whose manifest gives no range must still refuse it (REST,
+    both paths, and OIP), naming the field; a manifest giving only one bound is refused at load."""
+    import math
+
+    from serve.inputs import Encoder
+    from serve.problems import Problems
+
+    enc = Encoder([{"name": "a", "kind": "numeric", "unit": "x"},
+                   {"name": "b", "kind": "numeric", "unit": "g", "low": 0, "high": 10}])  # fmt: skip
+    with pytest.raises(Problems) as err:
+        enc.encode([{"a": 2.5, "b": 1}] * (n - 1) + [{"a": math.inf, "b": 1}])
+    [p] = err.value.problems
+    assert p["field"] == f"patients[{n - 1}].a" and p["kind"] == "out_of_range"
+    assert p["message"] == "inf x is not a finite number" and p["expected"] == "a finite number in x"
+    assert enc.encode([{"a": 2.5, "b": 1}] * n)[0].tolist() == [[2.5, 1.0]] * n
+    with pytest.raises(Problems, match="invalid"):
+        enc.check_matrix(np.array([[np.inf, 1.0]], np.float32), "inputs")
+    with pytest.raises(ValueError, match="'c' gives a low bound without a high one"):
+        Encoder([{"name": "c", "kind": "numeric", "unit": "x", "low": 0}])
