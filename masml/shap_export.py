@@ -21,7 +21,8 @@ per leaf over all 2^d patterns of its d path *conditions* (so that repeated feat
 at run time; Yang's tables are over merged features, which here cost a broadcast that onnxruntime runs
 slowly), and explaining a row is: decide every split, form each leaf's condition bit pattern,
 gather H at the pattern with feature i's bits cleared, multiply by a per-(leaf, feature) coefficient
-chosen by o_i, and scatter-add into the feature's column. The per-leaf work is O(D) instead of
+chosen by o_i, and sum per feature (entries stored feature by feature, summed in chunks, the chunks
+added into their feature's column by a small MatMul: ``_by_feature``). The per-leaf work is O(D) instead of
 TreeSHAP's O(D^2) and has no data-dependent control flow.
 
 Tables are computed in float64 and stored in float32; contributions are accumulated in float32 (their
@@ -227,9 +228,43 @@ def _columns(g: _Graph, data: str, index: np.ndarray, name: str) -> str:
     return g.op("GatherElements", [data, idx], name, axis=1)
 
 
+def _by_feature(tb: _Tables, n_features: int, chunk: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The (leaf, feature) entries ordered by feature (by leaf within one), each feature's run padded
+    to a multiple of ``chunk`` with entries worth 0 (mask 0 is always met, and its coefficient is 0),
+    and the one-hot [runs / chunk, F] matrix mapping each chunk to its feature.
+
+    Why: summing per feature is then a ReduceSum over contiguous chunks and a small MatMul, which
+    onnxruntime runs faster than a ScatterElements add over ~10^5 entries per row, the largest single
+    cost of a one-patient explanation in its profiler (300 trees of depth 6: 12-15% less time for one
+    patient, 30-45% less for batches; keeping leaf order and permuting before the sums measured the
+    same)."""
+    order = np.argsort(tb.entry_feature, kind="stable")
+    counts = np.bincount(tb.entry_feature, minlength=n_features)
+    padded = -(-counts // chunk) * chunk  # each feature's run rounded up to whole chunks
+    start, first = np.cumsum(padded) - padded, np.cumsum(counts) - counts  # of each run, padded / not
+    pos = np.repeat(start, counts) + np.arange(len(order)) - np.repeat(first, counts)  # sorted entry -> slot
+    fields = {
+        "leaf": (tb.entry_leaf, 0), "keep": (tb.entry_keep, 0), "mask": (tb.entry_mask, 0),
+        "offset": (tb.entry_offset, 0), "one": (tb.entry_one, 0.0), "zero": (tb.entry_zero, 0.0),
+    }  # fmt: skip
+    out = {}
+    for name, (values, pad) in fields.items():
+        column = np.full(int(padded.sum()), pad, dtype=values.dtype)
+        column[pos] = values[order]
+        out[name] = column
+    owner = np.repeat(np.arange(n_features), padded // chunk)  # the feature of each chunk
+    onehot = np.zeros((len(owner), n_features), np.float32)
+    onehot[np.arange(len(owner)), owner] = 1.0
+    return out, onehot
+
+
+SUM_CHUNK = 64  # entries summed per chunk before the per-feature MatMul (padding <= 63 per feature)
+
+
 def _explain_graph(g: _Graph, tb: _Tables, features: str, n_features: int) -> str:
-    """Decisions -> condition patterns -> table gathers -> scatter-add into [N, F] (float32)."""
+    """Decisions -> condition patterns -> table gathers -> per-feature sums into [N, F] (float32)."""
     c = g.const
+    entry, onehot = _by_feature(tb, n_features, SUM_CHUNK)
     values = _columns(g, features, tb.node_feature, "shap_node_x")
     below = g.op("Less", [values, c("shap_node_threshold", tb.node_threshold, np.float32)], "shap_below")
     missing = g.op("IsNaN", [values], "shap_node_missing")
@@ -242,9 +277,9 @@ def _explain_graph(g: _Graph, tb: _Tables, features: str, n_features: int) -> st
     bits = g.op("Where", [met, c("shap_cond_bit", tb.cond_bit, np.int32), zero], "shap_cond_bits")
     per_leaf = g.op("Reshape", [bits, c("shap_cond_shape", [0, -1, tb.depth], np.int64)], "shap_cond_bits_3d")
     pattern = g.op("ReduceSum", [per_leaf, c("shap_axis_2", [2], np.int64)], "shap_leaf_pattern", keepdims=0)
-    pat = _columns(g, pattern, tb.entry_leaf, "shap_entry_pattern")
-    kept = g.op("BitwiseAnd", [pat, c("shap_entry_keep", tb.entry_keep, np.int32)], "shap_entry_kept")
-    index = g.op("Add", [kept, c("shap_entry_offset", tb.entry_offset, np.int32)], "shap_entry_index")
+    pat = _columns(g, pattern, entry["leaf"], "shap_entry_pattern")
+    kept = g.op("BitwiseAnd", [pat, c("shap_entry_keep", entry["keep"], np.int32)], "shap_entry_kept")
+    index = g.op("Add", [kept, c("shap_entry_offset", entry["offset"], np.int32)], "shap_entry_index")
     # the table as one row [1, T] and all rows' indices as one row [1, N*P]: GatherElements along axis 1
     # (6x faster in onnxruntime than a [T, 1] column along axis 0, and 10x faster than Gather)
     flat = g.op("Reshape", [index, c("shap_one_row", [1, -1], np.int64)], "shap_entry_index_row")
@@ -252,20 +287,14 @@ def _explain_graph(g: _Graph, tb: _Tables, features: str, n_features: int) -> st
         "GatherElements", [c("shap_table", tb.table[None, :], np.float32), flat], "shap_entry_h_row", axis=1
     )
     h = g.op("Reshape", [h_row, g.op("Shape", [pat], "shap_entry_shape")], "shap_entry_h")
-    mask = c("shap_entry_mask", tb.entry_mask, np.int32)
+    mask = c("shap_entry_mask", entry["mask"], np.int32)
     own = g.op("Equal", [g.op("BitwiseAnd", [pat, mask], "shap_entry_own"), mask], "shap_entry_met")
-    coef = g.op("Where", [own, c("shap_entry_one", tb.entry_one, np.float32),
-                          c("shap_entry_zero", tb.entry_zero, np.float32)], "shap_entry_coef")  # fmt: skip
+    coef = g.op("Where", [own, c("shap_entry_one", entry["one"], np.float32),
+                          c("shap_entry_zero", entry["zero"], np.float32)], "shap_entry_coef")  # fmt: skip
     phi = g.op("Mul", [h, coef], "shap_entry_phi")
-    n_rows = g.op("Shape", [features], "shap_rows", start=0, end=1)
-    out_shape = g.op(
-        "Concat", [n_rows, c("shap_n_features", [n_features], np.int64)], "shap_out_shape", axis=0
-    )
-    zeros = g.op("ConstantOfShape", [out_shape], "shap_zeros",
-                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))  # fmt: skip
-    idx = g.op("Expand", [c("shap_entry_feature", tb.entry_feature[None, :], np.int32),
-                          g.op("Shape", [phi], "shap_phi_shape")], "shap_entry_feature_rows")  # fmt: skip
-    return g.op("ScatterElements", [zeros, idx, phi], CONTRIBUTIONS, axis=1, reduction="add")
+    chunks = g.op("Reshape", [phi, c("shap_chunk_shape", [0, -1, SUM_CHUNK], np.int64)], "shap_entry_chunks")
+    sums = g.op("ReduceSum", [chunks, c("shap_axis_2b", [2], np.int64)], "shap_chunk_sums", keepdims=0)
+    return g.op("MatMul", [sums, c("shap_chunk_feature", onehot, np.float32)], CONTRIBUTIONS)
 
 
 def explainable_forest(booster, spec: Sequence[Feature]) -> _Forest:
