@@ -3,8 +3,10 @@
 For each size (default 100k, 1M and 5M simulated patients) it writes the cohort once as a single
 Parquet file and as a folder of partitions (about 250k rows each), then times, as a user runs them:
 
-* ``masml train onset`` on one process (the single file) and ``--cluster local`` (the folder, a
-  LocalCluster of 2 worker processes of one thread), with the same small tuning budget;
+* ``masml train onset`` (and with ``--tasks``, ``icu`` and ``il1_benefit``: the benefit model tunes three
+  nuisance models and fits its learners on the MAS patients only) on one process (the single file) and
+  ``--cluster local`` (the folder, a LocalCluster of 2 worker processes of one thread), with the same
+  small tuning budget;
 * ``masml predict --cluster local`` on the folder (rows per second, the whole command).
 
 Peak memory is the largest sum of RSS over the command's process tree (the client and, on a cluster,
@@ -13,6 +15,7 @@ are cached under --cache between runs. Prints a table and writes JSON; asserts n
 
     .venv/bin/python bench/bench_scale.py                          # 100k, 1M, 5M (hours on 2 cores)
     .venv/bin/python bench/bench_scale.py --rows 100000 1000000 --engines one cluster
+    .venv/bin/python bench/bench_scale.py --rows 100000 --tasks onset il1_benefit
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def cohort(n: int, cache: Path) -> tuple[Path, Path]:
 
 def show(r: dict) -> None:
     rate = f"{r['rows_per_s']:,.0f}" if "rows_per_s" in r else ""
-    cells = f"{r['rows']:>10,} {r['job']:>22} {r['seconds']:>8.1f} {r['peak_mib']:>9.0f} {rate:>10}"
+    cells = f"{r['rows']:>10,} {r['job']:>30} {r['seconds']:>8.1f} {r['peak_mib']:>9.0f} {rate:>10}"
     print(f"{cells} {r['exit']:>5}", flush=True)
 
 
@@ -90,27 +93,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
     parser.add_argument("--engines", nargs="+", default=["one", "cluster"], choices=["one", "cluster"])
+    parser.add_argument("--tasks", nargs="+", default=["onset"], choices=["onset", "icu", "il1_benefit"])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "masml-bench-scale")
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
-    print(f"{'rows':>10} {'job':>22} {'wall s':>8} {'peak MiB':>9} {'rows/s':>10} {'exit':>5}", flush=True)
+    print(f"{'rows':>10} {'job':>30} {'wall s':>8} {'peak MiB':>9} {'rows/s':>10} {'exit':>5}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "bench.yaml").write_text(CONFIG)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
         for n in args.rows:
             single, folder = cohort(n, args.cache)
-            for engine in args.engines:
-                out = tmp / f"onset-{n}-{engine}"
-                cmd = [MASML, "train", "onset", "--config", str(tmp / "bench.yaml"), "--out", str(out)]
-                if engine == "one":
-                    cmd += ["--data", str(single)]
-                else:
-                    cmd += ["--data", str(folder), "--cluster", "local"]
-                results.append({"rows": n, "job": f"train ({engine})", **measured(cmd, env)})
-                show(results[-1])
+            for task in args.tasks:
+                for engine in args.engines:
+                    out = tmp / f"{task}-{n}-{engine}"
+                    cmd = [MASML, "train", task, "--config", str(tmp / "bench.yaml"), "--out", str(out)]
+                    if engine == "one":
+                        cmd += ["--data", str(single)]
+                    else:
+                        cmd += ["--data", str(folder), "--cluster", "local"]
+                    job = f"train {task} ({engine})" if args.tasks != ["onset"] else f"train ({engine})"
+                    results.append({"rows": n, "job": job, **measured(cmd, env)})
+                    show(results[-1])
             bundles = [tmp / f"onset-{n}-{e}" for e in args.engines if (tmp / f"onset-{n}-{e}").exists()]
             if bundles:
                 cmd = [MASML, "predict", str(bundles[0]), "--data", str(folder), "--out",
