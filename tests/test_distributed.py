@@ -504,3 +504,13 @@ def test_benefit_final_stages_on_the_cluster_add_up_and_repeat(client):
     for kind, booster in first.items():
         assert booster.num_boosted_rounds() == causal.FOREST_ROUNDS and booster.feature_names is None, kind
         assert booster.num_features() == len(names)
+
+
+def test_benefit_with_more_parallel_trials_than_workers_fails_before_any_work(client, tmp_path):
+    from masml.distributed.benefit import train_benefit_on_cluster
+
+    config = config_from_dict({"tuning": {"parallel_trials": 3}}, "il1_benefit")
+    logged: list[str] = []
+    with pytest.raises(ClusterError, match=r"'tuning.parallel_trials' is 3: .* the cluster has 2"):
+        train_benefit_on_cluster(client, tmp_path / "absent", None, config, log=logged.append)
+    assert logged == []  # nothing read, nothing validated

@@ -56,6 +56,7 @@ from masml.distributed.train import (
     fingerprint_on_cluster,
     patient_uniform,
     truth_pieces,
+    worker_groups,
 )
 from masml.encoding import encode_inputs
 from masml.training import TrainingDataError, population_report, population_rows
@@ -274,6 +275,8 @@ def train_benefit_on_cluster(client, data_path: str | Path, units, config: Confi
                              log: Callable[[str], None] = print) -> causal.BenefitTraining:  # fmt: skip
     """``pipelines.il1_benefit``'s training step on a cluster (see the module's docstring)."""
     started = time.perf_counter()
+    if config.tuning.parallel_trials > 1:
+        worker_groups(client, config.tuning.parallel_trials)  # too few workers: fail before any work
     data_path = Path(data_path)
     loaded = load_partitioned(client, data_path, units, require_labels=(config.label, causal.TREATMENT))
     task = config.task
