@@ -454,6 +454,14 @@ def choose_learner(
     return Selection(losses=losses, chosen=chosen, best=best, ridge_lambda=best_lam, oof=oof)
 
 
+def selection_lines(selection: Selection, task: str) -> list[str]:
+    """The learner choice as log lines (the same on one process and on a cluster)."""
+    lines = [f"{task}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})"]
+    for _, row in selection.losses.iterrows():
+        lines.append(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")
+    return lines
+
+
 def one_se_choice(sq: dict[str, np.ndarray]) -> tuple[pd.DataFrame, str, str]:
     """Per-patient squared errors per learner (in ``LEARNERS`` order, simplest first) -> the loss table,
     the chosen learner and the one with the lowest loss.

@@ -137,12 +137,6 @@ def run_il1_benefit_pipeline(
     return _diagnose_and_export(trained, data_path, out_dir, units, config, log, track, started)
 
 
-def log_selection(selection: causal.Selection, log: Callable[[str], None]) -> None:
-    log(f"{TASK}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})")
-    for _, row in selection.losses.iterrows():
-        log(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")
-
-
 def _train_here(data_path: Path, units, config: Config, log: Callable[[str], None]) -> causal.BenefitTraining:
     """The single-process path: the whole dataset in memory, a grouped split stratified by arm."""
     frame = load_dataset(data_path, units, require_labels=(config.label, causal.TREATMENT))
@@ -170,7 +164,8 @@ def _train_here(data_path: Path, units, config: Config, log: Callable[[str], Non
     # One feature spec for every sub-model: the nuisances' (config inputs + score_features); the learners'
     # forests (here and in fit_final), the graph and the explainer all use it.
     selection = causal.select_learner(xt, yt, tt, gt, cross, phi_train, config.inputs, config, nuis.spec)
-    log_selection(selection, log)
+    for line in causal.selection_lines(selection, TASK):
+        log(line)
     model = causal.fit_final(
         selection.chosen, nuis, xt, yt, tt, cross, phi_train, config.inputs, selection.ridge_lambda,
         config.seed,

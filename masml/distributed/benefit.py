@@ -338,9 +338,8 @@ def train_benefit_on_cluster(client, data_path: str | Path, units, config: Confi
         {lam: oof[f"ridge:{lam}"].to_numpy() for lam in causal.RIDGE_LAMBDAS},
         per_patient["phi"], per_patient["y"], per_patient["t"], per_patient, config.overlap,
     )  # fmt: skip
-    log(f"{task}: learner chosen: {selection.chosen} (lowest out-of-fold DR loss: {selection.best})")
-    for _, row in selection.losses.iterrows():
-        log(f"  {row['learner']:<10} DR loss {row['dr_loss']:.5f}  R-loss {row['r_loss']:.5f}")
+    for line in causal.selection_lines(selection, task):
+        log(line)
 
     # ---- the chosen final stage on every training patient
     model = causal.BenefitModel(
