@@ -310,8 +310,9 @@ def search(
     is returned.
 
     Trials are asked in batches of ``tuning.parallel_trials`` (N): every trial of a batch is proposed
-    before any of them is evaluated (optuna's TPE treats the pending ones as a "constant liar", so a
-    batch spreads out), and the losses are told in trial-number order once the whole batch is done.
+    before any of them is evaluated (the TPE sampler's "constant liar" counts the pending ones as bad
+    results, so a batch spreads out), and the losses are told in trial-number order once the whole
+    batch is done.
     The trials therefore depend only on the seed and N, never on which one finishes first; N = 1 is
     the classic one-at-a-time search. ``run_batch([(number, params), ...])`` evaluates a batch and
     returns its losses in the same order (the cluster engine runs them at once); without it the batch
@@ -325,7 +326,10 @@ def search(
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        sampler = optuna.samplers.TPESampler(seed=config.seed)
+        # constant_liar: a batch's pending trials count as bad results, so its trials spread out (off
+        # by default in optuna, where pending trials are ignored and a batch may bunch up); N = 1 never
+        # has a pending trial, so the one-at-a-time search is unchanged
+        sampler = optuna.samplers.TPESampler(seed=config.seed, constant_liar=tuning.parallel_trials > 1)
         study = optuna.create_study(direction="minimize", sampler=sampler)
         study.enqueue_trial(_starting_point(bounds))
         started, done = time.perf_counter(), 0

@@ -255,6 +255,21 @@ def test_the_search_asks_trials_in_batches_and_depends_only_on_seed_and_batch_si
     assert sequential[0] == [[n] for n in range(12)] and batched[0][-1] == [10, 11]
     assert [t[1] for t in batched[1][:11]] == [t[1] for t in sequential[1][:11]]
     assert batched[1][11][1] != sequential[1][11][1]
+    # ... and with the constant liar on: trial 11 is what a TPE sampler with constant_liar=True proposes
+    # when trial 10 is pending (optuna's default ignores pending trials, and a batch could bunch up)
+    import optuna
+
+    from masml.training import _suggest
+
+    liar = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True))
+    liar.enqueue_trial(STARTING_POINT)
+    bounds = config_from_dict({}, "onset").tuning.bounds()
+    for first in range(0, 12, 2):
+        asked = [liar.ask(), liar.ask()]
+        params = [_suggest(t, bounds) for t in asked]
+        for t, p in zip(asked, params, strict=True):
+            liar.tell(t, loss(p))
+        assert params == [t[1] for t in batched[1][first : first + 2]], first
     cfg = config_from_dict({"tuning": {"n_trials": 12}}, "onset")  # no run_batch: one after another
     assert [(t.number, t.params, t.value) for t in search(lambda n, p: loss(p), cfg).trials] == sequential[1]
 
