@@ -16,7 +16,6 @@ import hmac
 import os
 import sys
 import time
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -91,27 +90,21 @@ class Audit:
         key = os.environ.get("MASML_SERVE_AUDIT_KEY")
         self.key = key.encode() if key else None
         self.encoder = msgspec.json.Encoder()
-        self._inner, self._outer = _hash_states(self.key)
+        # a hash (or HMAC, key pads already hashed) to copy per row: see input_hashes
+        self._hash = hmac.new(self.key, digestmod=hashlib.sha256) if self.key else hashlib.sha256()
 
     def input_hashes(self, x32: np.ndarray) -> list[str]:
         """Per row of ``x32``: the first 32 hex digits of sha256 (or HMAC-SHA256 with the audit key) of
         the row's float32 bytes.
 
-        Why hash states copied per row: creating a hash (above all an HMAC, which hashes its key pads
-        again) costs more than hashing one 140-byte row, so the key pads are hashed once, here and in
-        ``_hash_states``, and each row starts from a copy: the same bytes as ``hmac.new``/``sha256``,
-        at about half the cost for a 1,000-patient batch."""
-        data = np.ascontiguousarray(x32).tobytes()
-        width = len(data) // x32.shape[0] if x32.shape[0] else 0
-        inner, outer = self._inner.copy, self._outer.copy if self._outer is not None else None
-        out = []
-        for start in range(0, width * x32.shape[0], width) if width else repeat(0, x32.shape[0]):
-            h = inner()
-            h.update(data[start : start + width])
-            if outer is not None:
-                o = outer()
-                o.update(h.digest())
-                h = o
+        Why one prepared hash copied per row: creating an HMAC hashes its key pads again, which costs
+        more than hashing one 140-byte row; ``copy()`` starts each row from the prepared state (the
+        same digest as ``hmac.new(key, row, "sha256")``, ~25% cheaper for 1,000 rows)."""
+        rows = np.ascontiguousarray(x32)
+        copy, out = self._hash.copy, []
+        for row in rows:
+            h = copy()
+            h.update(row.tobytes())
             out.append(h.hexdigest()[:32])
         return out
 
@@ -154,23 +147,6 @@ class Audit:
         data = b"".join(lines)
         while data:  # a regular file takes it in one call; a pipe (stderr) may take it in parts
             data = data[os.write(self.fd, data) :]
-
-
-_HMAC_BLOCK = 64  # sha256's block size, the length HMAC pads its key to (RFC 2104)
-
-
-def _hash_states(key: bytes | None) -> tuple[Any, Any]:
-    """(inner, outer) sha256 states to copy per row: HMAC's key pads already hashed when there is a
-    key (RFC 2104, as ``hmac.new`` computes it), else a fresh sha256 and no outer state."""
-    if not key:
-        return hashlib.sha256(), None
-    if len(key) > _HMAC_BLOCK:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(_HMAC_BLOCK, b"\0")
-    return (
-        hashlib.sha256(bytes(b ^ 0x36 for b in key)),
-        hashlib.sha256(bytes(b ^ 0x5C for b in key)),
-    )
 
 
 def _numbers(values: list) -> bool:

@@ -529,3 +529,34 @@ def test_an_input_without_a_range_still_refuses_infinity_on_every_path(n):
         enc.check_matrix(np.array([[np.inf, 1.0]], np.float32), "inputs")
     with pytest.raises(ValueError, match="'c' gives a low bound without a high one"):
         Encoder([{"name": "c", "kind": "numeric", "unit": "x", "low": 0}])
+
+
+@pytest.mark.parametrize("key", [None, "audit-key-0123", "k" * 100])  # none, short, longer than a block
+def test_audit_input_hash_is_sha256_or_hmac_of_the_row_bytes(key, monkeypatch, tmp_path):
+    """The audit line's input hash is what an auditor recomputes from the row: sha256 of its float32
+    bytes, or HMAC-SHA256 with MASML_SERVE_AUDIT_KEY (so the log cannot be matched against guessed
+    inputs without the key); one line per row, the outputs beside it."""
+    import hashlib
+    import hmac
+    from types import SimpleNamespace
+
+    from serve.security import Audit
+
+    if key is None:
+        monkeypatch.delenv("MASML_SERVE_AUDIT_KEY", raising=False)
+    else:
+        monkeypatch.setenv("MASML_SERVE_AUDIT_KEY", key)
+    audit = Audit(str(tmp_path / "audit.jsonl"))
+    x = np.random.default_rng(0).random((5, 7)).astype(np.float32)
+    x[1, 2] = np.nan
+    model = SimpleNamespace(name="m", task="onset", version="3", sha256="ab" * 32)
+    audit.write("req-1", "predict", model, x, {"risk": [0.1, None, 0.3, 0.4, 0.5]}, "user-key")
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    expected = [
+        (hmac.new(key.encode(), row.tobytes(), hashlib.sha256) if key else hashlib.sha256(row.tobytes()))
+        .hexdigest()[:32]
+        for row in x
+    ]
+    assert [r["input_sha256"] for r in lines] == expected
+    assert [r["index"] for r in lines] == [0, 1, 2, 3, 4] and lines[1]["outputs"] == {"risk": None}
+    assert {(r["request_id"], r["model"], r["version"], r["n"]) for r in lines} == {("req-1", "m", "3", 5)}
