@@ -385,6 +385,12 @@ def card_content(
 def _boot_text(boot: Mapping | None) -> str:
     if not boot:
         return "replicates not recorded"
+    if "subset_size" in boot:  # a test set above evaluation.BLB_MIN_ROWS
+        return (
+            f"{boot.get('n_boot')} replicates as a bag of little bootstraps: {boot['subsets']} subsets of "
+            f"{boot['subset_size']:,} patients, each resampled {boot['per_subset']} times at the full size "
+            f"(Kleiner 2014, J R Stat Soc B 76:795-816), seed {boot.get('seed')}"
+        )
     return f"{boot.get('n_boot')} replicates, seed {boot.get('seed')}"
 
 

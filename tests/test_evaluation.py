@@ -482,3 +482,75 @@ def test_ece_vs_truth_measures_miscalibration_without_outcome_noise():
     assert ev.ece_vs_truth(truth + 0.1, truth) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="true probabilities: 1 of 2000 are NaN"):
         ev.ece_vs_truth(truth, np.r_[truth[:-1], np.nan])
+
+
+def test_quantiles_of_repeats_equal_numpy_on_the_repeated_values_bit_for_bit():
+    """The ECE kernel cuts its bins from draw counts without building the resample: same edges as
+    np.quantile of the repeated values, ties and single draws included."""
+    rng = np.random.default_rng(3)
+    qs = np.linspace(0, 1, 11)[1:-1]
+    for m, ties in ((1, False), (7, False), (50, True), (400, False)):
+        v = np.sort(np.round(rng.random(m), 1) if ties else rng.random(m))
+        counts = rng.integers(0, 4, size=(30, m))
+        counts[:, rng.integers(0, m)] += 1  # every replicate draws someone
+        got = ev._quantiles_of_repeats(v, counts, qs)
+        want = np.stack([np.quantile(np.repeat(v, c), qs) for c in counts])
+        assert np.array_equal(got, want), m
+
+
+def _blb_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(-1, 1.5, n)
+    y = (rng.random(n) < expit(z)).astype(float)
+    return y, expit(1.1 * z + 0.05)  # a slightly over-confident model
+
+
+def test_little_bootstraps_give_the_plain_bootstraps_intervals(monkeypatch):
+    """Above BLB_MIN_ROWS the bag of little bootstraps replaces the plain bootstrap: its intervals must be
+    the plain bootstrap's (position and width), for every metric and for the paired AUROC difference."""
+    y, p = _blb_case(30_000, seed=11)
+    other = np.clip(p + np.random.default_rng(1).normal(0, 0.05, p.size), 0, 1)  # ranks differently
+    fns = {**ev._CI_METRICS, "ece": ev.ece}
+    plain = ev.bootstrap_ci(y, p, fns, n_boot=400, seed=2)
+    plain_cmp = ev.compare(y, {"m": p, "o": other}, reference="o", n_boot=400, seed=2)
+    monkeypatch.setattr(ev, "BLB_MIN_ROWS", 10_000)
+    plan = ev.bootstrap_plan(y.size, 400)
+    assert plan["subsets"] == 4 and plan["per_subset"] == 100 and plan["subset_size"] == math.ceil(30_000**0.7)
+    little = ev.bootstrap_ci(y, p, fns, n_boot=400, seed=2)
+    for k in fns:
+        est, lo, hi = plain[k]
+        est2, lo2, hi2 = little[k]
+        assert est2 == est, k
+        assert lo2 < est < hi2, k
+        assert abs(lo2 - lo) < 0.2 * (hi - lo) and abs(hi2 - hi) < 0.2 * (hi - lo), (k, plain[k], little[k])
+    cmp = ev.compare(y, {"m": p, "o": other}, reference="o", n_boot=400, seed=2)
+    width = plain_cmp.loc["m", "auroc_diff_hi"] - plain_cmp.loc["m", "auroc_diff_lo"]
+    for bound in ("auroc_diff_lo", "auroc_diff_hi", "ece_lo", "ece_hi", "calibration_slope_lo"):
+        assert np.isfinite(cmp.loc["m", bound]), bound
+    assert abs(cmp.loc["m", "auroc_diff_lo"] - plain_cmp.loc["m", "auroc_diff_lo"]) < 0.2 * width
+    assert ev.bootstrap_ci(y, p, fns, n_boot=400, seed=2) == little  # deterministic for its seed
+    report = ev.evaluate(y, p, n_boot=400, seed=2)
+    assert report["bootstrap"]["method"].startswith("bag of little bootstraps")
+    assert report["bootstrap"]["subset_size"] == plan["subset_size"]
+
+
+def test_little_bootstraps_call_plain_metric_functions_on_full_size_resamples(monkeypatch):
+    """A metric without a vectorised kernel sees each replicate as patients repeated by their draw
+    counts: n patients, the observed number of events."""
+    monkeypatch.setattr(ev, "BLB_MIN_ROWS", 1_000)
+    y, p = _blb_case(5_000, seed=4)
+    reps = ev._replicates(y, {"m": p}, {"n": lambda a, b: a.size, "events": lambda a, b: a.sum()}, 200, 0)
+    assert reps[("m", "n")].shape == (2, 100)
+    assert (reps[("m", "n")] == y.size).all() and (reps[("m", "events")] == y.sum()).all()
+
+
+def test_noise_floor_drawn_in_blocks_is_the_one_shot_simulation(monkeypatch):
+    """ece_if_calibrated draws its outcomes in bounded blocks; the answer is the one-shot draw's."""
+    p = expit(np.random.default_rng(8).normal(-1, 1.2, 3_000))
+    b = ev._quantile_bins(p, 10)
+    onehot = np.eye(b.max() + 1)[b]
+    n_k = onehot.sum(axis=0)
+    draws = (np.random.default_rng(5).random((90, p.size)) < p).astype(float)
+    want = np.mean(np.abs(draws @ onehot / n_k - onehot.T @ p / n_k) @ (n_k / n_k.sum()))
+    monkeypatch.setattr(ev, "_BLOCK_CELLS", 7 * p.size)  # 13 blocks, the last one short
+    assert ev.ece_if_calibrated(p, n_sim=90, seed=5) == pytest.approx(want, rel=1e-12)
