@@ -389,7 +389,6 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     nthread = threads_per_worker(client)
     coll = CollConfig(timeout=COLLECTIVE_TIMEOUT_S)
     tuning = config.tuning
-    valid_frames = [train[train["__fold"] == k] for k in range(config.folds)]
     parts, where = _training_parts(client, feature_parts, names)
     if tuning.parallel_trials == 1:  # one group of every worker: the pieces stay where they are pinned
         groups: list[list[str]] = [sorted(worker_addresses(client))]
@@ -468,18 +467,28 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     log(f"{config.task}: {len(records)} trials tuned in {time.perf_counter() - started:.1f} s, "
         f"{tuning.parallel_trials} at a time")  # fmt: skip
 
+    import dask.dataframe as dd
+
+    def held_out_fold(k: int, column: list[str] | str):
+        """Fold k's validation rows (the same rows, in the same order, as ``train[train.__fold == k]``),
+        cut from the pinned training pieces where they lie. Why not from ``train``: each fold would
+        filter every whole feature partition, held-out rows included, on whichever worker the
+        scheduler picked, copying partitions between workers to do it."""
+        futures = [_pinned(client, _fold_piece, r, k, True, column, worker=w)
+                   for r, w in zip(parts, where, strict=True)]  # fmt: skip
+        return dd.from_delayed(futures, meta=meta[column], verify_meta=False)
+
     margins, labels = [], []
-    for booster, n, va in zip(best["boosters"], best["rounds"], valid_frames, strict=True):
+    for k, (booster, n) in enumerate(zip(best["boosters"], best["rounds"], strict=True)):
         margin = dxgb.inplace_predict(
-            client, booster, va[names], predict_type="margin", iteration_range=(0, n)
+            client, booster, held_out_fold(k, names), predict_type="margin", iteration_range=(0, n)
         )
-        m, y = client.compute([margin, va["__y"]], sync=True)
+        m, y = client.compute([margin, held_out_fold(k, "__y")], sync=True)
         margins.append(np.asarray(m, dtype=np.float64).ravel())
         labels.append(np.asarray(y, dtype=np.float64))
     oof_margin, oof_y = np.concatenate(margins), np.concatenate(labels)
     calibrator = fit_calibrator(oof_margin, oof_y, config.calibration)
     n_rounds = max(1, int(round(float(np.mean(best["rounds"])))))
-    import dask.dataframe as dd
 
     placed = list(zip(parts, where, strict=True))  # the final fit on the same layout as the tuning
     x_all = dd.from_delayed([_pinned(client, _columns, r, names, worker=w) for r, w in placed],
