@@ -416,7 +416,7 @@ def benefit_parity_gate(
     """Every output of the graph against ``BenefitModel.predict`` on X, on stress rows (each input
     missing in turn, values exactly on and beside every split of every forest, modifier cut-offs) and
     on single rows; raises ``ParityError`` when any |difference| exceeds ``tol``."""
-    from masml.predict import onnx_session
+    from masml.predict import onnx_session, run_rows
 
     X = np.asarray(X, dtype=np.float32)
     nuis = model.nuisances
@@ -434,7 +434,7 @@ def benefit_parity_gate(
     kinds_arr = np.array(kinds)
     data = onnx_model.SerializeToString() if isinstance(onnx_model, onnx.ModelProto) else bytes(onnx_model)
     sess = onnx_session(data)
-    got = dict(zip(OUTPUTS, sess.run(list(OUTPUTS), {INPUT: rows}), strict=True))
+    got = dict(zip(OUTPUTS, run_rows(sess, list(OUTPUTS), rows), strict=True))
     want = model.predict(rows)
     single = np.arange(min(len(X), single_rows))
     report: dict = {"n_rows": int(len(rows) + len(single)), "tol": tol, "by_kind": {}}
@@ -497,7 +497,7 @@ def benefit_explainer_parity_gate(
             report[arm] = err.report
             raise shap_export.ExplainerParityError(str(err), report) from None
 
-    from masml.predict import onnx_session
+    from masml.predict import onnx_session, run_rows
 
     stress, _ = _stress_rows(_read_forest(model.nuisances.untreated.booster), model.spec, X, 10, False, seed)
     rows = np.concatenate([X, stress]).astype(np.float32)
@@ -509,7 +509,7 @@ def benefit_explainer_parity_gate(
         for blk in [arm for arm, _ in EXPLAINED_ARMS] + [DIFFERENCE]
     }
     (a, _), (b, _) = EXPLAINED_ARMS
-    m = onnx_session(scorer.SerializeToString()).run(margins, {INPUT: rows})
+    m = run_rows(onnx_session(scorer.SerializeToString()), margins, rows)
     model_diff = np.asarray(m[0], np.float32).reshape(-1) - np.asarray(m[1], np.float32).reshape(-1)
     d = blocks[DIFFERENCE]
     checks = {

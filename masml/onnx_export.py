@@ -756,7 +756,9 @@ def _run(sess, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     if RISK not in names or MARGIN not in names:
         raise ParityError(f"the ONNX graph must output {RISK!r} and {MARGIN!r}, got {sorted(names)}")
-    risk, margin = sess.run([RISK, MARGIN], {INPUT: rows})
+    from masml.predict import run_rows
+
+    risk, margin = run_rows(sess, [RISK, MARGIN], rows)
     risk = np.asarray(risk, dtype=np.float64).reshape(-1)
     margin = np.asarray(margin, dtype=np.float64).reshape(-1)
     if len(risk) != len(rows) or len(margin) != len(rows):

@@ -37,7 +37,7 @@ from masml.onnx_benefit import (
     benefit_model_to_onnx,
     benefit_parity_gate,
 )
-from masml.predict import onnx_session
+from masml.predict import onnx_session, run_rows
 from masml.schema import TRIGGER_FAMILY
 from masml.training import TrainingDataError, select_population, split_holdout
 from pipelines.risk import one_process_record
@@ -387,7 +387,7 @@ _finite = _clean
 
 def _graph_benefit(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     session = onnx_session(model_bytes)
-    return np.asarray(session.run(["benefit"], {session.get_inputs()[0].name: x})[0], dtype=float).ravel()
+    return np.asarray(run_rows(session, ["benefit"], x)[0], dtype=float)
 
 
 def _track(result, config, log_dataset, model_bytes, balance, log) -> None:

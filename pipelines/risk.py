@@ -22,7 +22,7 @@ from masml.cohort import TRUTH_COLUMN, truth_path_for
 from masml.config import Config, load_config
 from masml.encoding import encode_inputs, input_spec
 from masml.io import load_dataset, read_table
-from masml.predict import onnx_session
+from masml.predict import onnx_session, run_rows
 from masml.schema import TRIGGER_FAMILY, age_band
 from masml.training import (
     RiskTraining,
@@ -383,7 +383,7 @@ def _track(result, config, trained: RiskTraining, model_bytes, subgroup_table, l
 
 def _graph_risk(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     session = onnx_session(model_bytes)
-    return np.asarray(session.run(["risk"], {session.get_inputs()[0].name: x})[0], dtype=float).ravel()
+    return np.asarray(run_rows(session, ["risk"], x)[0], dtype=float)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

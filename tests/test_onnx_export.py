@@ -150,6 +150,23 @@ def test_margin_is_independent_of_threads_and_batch(data, model):
         np.testing.assert_array_equal(one.run(["margin"], {ox.INPUT: x[i : i + 1]})[0], want[i : i + 1])
 
 
+def test_scoring_in_slices_of_rows_is_one_call_bit_for_bit(data, model):
+    """masml.predict.run_rows bounds memory by scoring slices of rows (a ragged last one included):
+    the outputs are those of one call, and in the input's order."""
+    from masml.predict import run_rows
+
+    X, _, spec = data
+    booster, cals = model
+    sess = session(export(booster, spec, cals["isotonic"]))
+    x = X[2500:2937]
+    whole = sess.run([ox.RISK, ox.MARGIN], {ox.INPUT: x})
+    for rows in (1, 50, 436, 437, 10_000):
+        sliced = run_rows(sess, [ox.RISK, ox.MARGIN], x, rows=rows)
+        for got, want in zip(sliced, whole, strict=True):
+            assert got.shape == (len(x),)
+            np.testing.assert_array_equal(got, np.asarray(want).reshape(-1))
+
+
 def test_early_stopped_booster_uses_best_iteration(data):
     X, y, spec = data
     dtrain = xgb.DMatrix(transform(X[:1500], spec), label=y[:1500], missing=np.nan)
