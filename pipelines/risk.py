@@ -26,6 +26,7 @@ from masml.predict import onnx_session, run_rows
 from masml.schema import TRIGGER_FAMILY, age_band
 from masml.training import (
     RiskTraining,
+    baseline_sample,
     fit_logistic_baseline,
     select_population,
     split_holdout,
@@ -152,8 +153,9 @@ def _train_here(data_path: Path, units, config: Config, log) -> RiskTraining:
         config,
         on_trial=lambda t: log(f"  trial {t['number']}: CV log loss {t['value']:.4f}"),
     )
+    fit_idx = baseline_sample(train_idx, config.seed)
     baseline = fit_logistic_baseline(
-        x[train_idx], y[train_idx], config.inputs, seed=config.seed, score_features=config.score_features
+        x[fit_idx], y[fit_idx], config.inputs, seed=config.seed, score_features=config.score_features
     )
     test = pop.iloc[test_idx].reset_index(drop=True)
     x_test = x[test_idx]

@@ -328,3 +328,16 @@ def test_feature_builder_is_an_sklearn_transformer():
     assert out_names[-1] == "hscore" and "ferritin_esr_ratio" in out_names and len(out_names) == out.shape[1]
     with pytest.raises(ValueError, match=r"expects an input matrix \[N, 35\].*got shape \(300, 3\)"):
         pipe.transform(x[:, :3])
+
+
+def test_logistic_baseline_sample_is_all_rows_up_to_the_cap_then_a_seeded_sample():
+    from masml.training import BASELINE_ROWS, baseline_sample
+
+    few = np.arange(0, 2 * 5_000, 2)
+    assert baseline_sample(few, seed=0) is few
+    many = np.arange(3, 3 + 3 * (BASELINE_ROWS + 5_000), 3)
+    got = baseline_sample(many, seed=4)
+    assert len(got) == BASELINE_ROWS and len(np.unique(got)) == BASELINE_ROWS
+    assert np.isin(got, many).all() and (np.diff(got) > 0).all()
+    np.testing.assert_array_equal(baseline_sample(many, seed=4), got)
+    assert not np.array_equal(baseline_sample(many, seed=5), got)

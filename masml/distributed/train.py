@@ -72,6 +72,7 @@ from masml.distributed.cluster import (
 from masml.distributed.data import Piece, load_partitioned, pieces, read_piece
 from masml.encoding import encode_inputs
 from masml.training import (
+    BASELINE_ROWS,
     RiskTraining,
     TrainedRiskModel,
     TrainingDataError,
@@ -83,7 +84,6 @@ from masml.training import (
 )
 
 CHECK_ROWS = 20_000  # held-out input rows brought here for the parity gate, SHAP and champion checks
-BASELINE_ROWS = 100_000  # training rows the logistic baseline is fitted on
 SPLIT_SALT, FOLD_SALT, SAMPLE_SALT = 0, 1, 2
 
 
