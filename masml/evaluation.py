@@ -120,8 +120,9 @@ _BLOCK_CELLS = 2_000_000
 # The bag of little bootstraps (Kleiner et al. 2014, module docstring), used above BLB_MIN_ROWS patients:
 # s subsets of b = n ** BLB_EXPONENT patients (drawn without replacement within each outcome class, in
 # proportion), each resampled ``n_boot // s`` times *at the full size n* (multinomial counts on its b
-# patients), so every replicate has the spread of a size-n resample; each subset gives its own interval
-# and the intervals are averaged. Cost: n_boot x b cells instead of n_boot x n (n = 1.25 million: ~67x
+# patients), so every replicate has the spread of a size-n resample; each subset's percentile bounds,
+# taken relative to its replicates' mean, are averaged and placed around the all-patient estimate
+# (``_percentile``). Cost: n_boot x b cells instead of n_boot x n (n = 1.25 million: ~67x
 # fewer). b = n^0.7 and r = 100 replicates per subset are the paper's recommended settings (their
 # sections 4-5: b = n^0.7 matched the bootstrap's interval width within a few per cent, r near 100
 # sufficed); s = n_boot / 100 (at most 10, at least 1) keeps the total at n_boot. Assumption: the cut
@@ -711,7 +712,7 @@ def bootstrap_plan(n: int, n_boot: int) -> dict:
     if int(n_boot) != n_boot or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
     if n <= BLB_MIN_ROWS:
-        return {"method": "percentile, stratified by outcome", "subsets": 1, "per_subset": int(n_boot)}
+        return {"method": "percentile, stratified by outcome"}
     subsets = max(1, min(BLB_MAX_SUBSETS, int(n_boot) // BLB_REPLICATES_PER_SUBSET))
     return {
         "method": "bag of little bootstraps (Kleiner 2014), percentile, stratified by outcome",
@@ -736,7 +737,7 @@ def _resample_blocks(
     strata = [np.flatnonzero(y == 1), np.flatnonzero(y == 0)]
     strata = [s for s in strata if s.size]
     n = y.size
-    if plan["subsets"] == 1 and "subset_size" not in plan:
+    if "subset_size" not in plan:
         block = max(1, min(int(n_boot), _BLOCK_CELLS // n))
         done = 0
         while done < n_boot:
@@ -776,8 +777,9 @@ def _replicates(
 ) -> dict[tuple[str, str], np.ndarray]:
     """Bootstrap replicates of every (model, metric), all models on the same resampled patients.
 
-    Each value is (subsets, replicates per subset): one row for the plain bootstrap, one per subset for
-    the little bootstraps, whose intervals are taken row by row and averaged (:func:`_percentile`).
+    Each value is the plain bootstrap's [n_boot] replicates, or the little bootstraps' [subsets,
+    replicates per subset] (2-D even for one subset: its intervals are taken row by row, relative to
+    each row's mean, :func:`_percentile`).
     """
     groups: dict[tuple[str, str], dict[int, list[np.ndarray]]] = {
         (m, k): {} for m in predictions for k in metric_fns
@@ -799,6 +801,8 @@ def _replicates(
                     picks = (np.repeat(np.arange(ys.size), c.astype(np.int64)) for c in draws)
                     vals = np.array([_call(fn, ys[i], ps[i]) for i in picks])
                 groups[(m, k)].setdefault(g, []).append(vals)
+    if "subset_size" not in bootstrap_plan(y.size, n_boot):
+        return {key: np.concatenate(v[0]) for key, v in groups.items()}
     return {key: np.stack([np.concatenate(v[g]) for g in sorted(v)]) for key, v in groups.items()}
 
 
@@ -810,7 +814,7 @@ def _call(fn: Callable, y: np.ndarray, p: np.ndarray) -> float:
 def _percentile(values: np.ndarray, alpha: float, estimate: float | None = None) -> tuple[float, float]:
     """The percentile interval of replicates.
 
-    Little bootstraps ((subsets, replicates) rows): each subset's percentile bounds are taken relative to
+    Little bootstraps (2-D: one row of replicates per subset, even a single one): each subset's percentile bounds are taken relative to
     its replicates' mean, averaged over the subsets, and placed around ``estimate`` (the metric on all
     patients). Why not average the bounds themselves: the little bootstraps estimate the *spread* of the
     metric at size n, but each subset's replicates centre on that subset's own value, which carries the
@@ -819,7 +823,7 @@ def _percentile(values: np.ndarray, alpha: float, estimate: float | None = None)
     against the plain bootstrap's 0.8145-0.8178).
     """
     values = np.asarray(values, dtype="float64")
-    if values.ndim == 2 and values.shape[0] > 1:
+    if values.ndim == 2:
         if estimate is None or not math.isfinite(estimate):
             return float("nan"), float("nan")
         spreads = []
@@ -867,7 +871,7 @@ def ece_interval(replicates, estimate: float, alpha: float = 0.05) -> tuple[floa
     """
     _check_alpha(alpha)
     values = np.asarray(replicates, dtype="float64")
-    if values.ndim == 2 and values.shape[0] > 1:  # little bootstraps: each subset's interval, averaged
+    if values.ndim == 2:  # little bootstraps: each subset's interval, averaged
         return _averaged([ece_interval(row, estimate, alpha) for row in values])
     finite = values[np.isfinite(values)]
     if finite.size == 0 or not math.isfinite(estimate):

@@ -535,6 +535,19 @@ def test_little_bootstraps_give_the_plain_bootstraps_intervals(monkeypatch):
     assert report["bootstrap"]["subset_size"] == plan["subset_size"]
 
 
+def test_one_little_bootstrap_is_still_centred_on_the_estimate(monkeypatch):
+    """n_boot < 200 gives a single subset: its interval, too, is the spread around the all-patient
+    estimate, not around the subset's own value (which carries the noise of its b patients)."""
+    y, p = _blb_case(30_000, seed=11)
+    plain = ev.bootstrap_ci(y, p, {"auroc": ev.auroc}, n_boot=100, seed=2)["auroc"]
+    monkeypatch.setattr(ev, "BLB_MIN_ROWS", 10_000)
+    assert ev.bootstrap_plan(y.size, 100)["subsets"] == 1
+    est, lo, hi = ev.bootstrap_ci(y, p, {"auroc": ev.auroc}, n_boot=100, seed=2)["auroc"]
+    assert est == plain[0] and lo < est < hi
+    width = plain[2] - plain[1]
+    assert abs(lo - plain[1]) < 0.25 * width and abs(hi - plain[2]) < 0.25 * width, (plain, (lo, hi))
+
+
 def test_little_bootstraps_call_plain_metric_functions_on_full_size_resamples(monkeypatch):
     """A metric without a vectorised kernel sees each replicate as patients repeated by their draw
     counts: n patients, the observed number of events."""
