@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from masml.calibration import Calibrator
 from masml.features import Feature, ScoreItem, feature_names, score_conditions, transform
+from masml.predict import run_rows
 
 OPSET = 18  # default domain; onnxruntime 1.31 runs it
 ML_OPSET = 3  # ai.onnx.ml: TreeEnsembleRegressor v3 (deprecated, not removed, in ml opset 5)
@@ -756,8 +757,6 @@ def _run(sess, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     if RISK not in names or MARGIN not in names:
         raise ParityError(f"the ONNX graph must output {RISK!r} and {MARGIN!r}, got {sorted(names)}")
-    from masml.predict import run_rows
-
     risk, margin = run_rows(sess, [RISK, MARGIN], rows)
     risk = np.asarray(risk, dtype=np.float64).reshape(-1)
     margin = np.asarray(margin, dtype=np.float64).reshape(-1)

@@ -32,10 +32,12 @@ ROWS_PER_RUN = 16_384
 
 
 def run_rows(session, outputs: list[str], x: np.ndarray, rows: int = ROWS_PER_RUN) -> list[np.ndarray]:
-    """``session.run(outputs, {input: x})``, ``rows`` rows at a time, each output flattened to [N]."""
+    """``session.run(outputs, {input: x})``, ``rows`` rows at a time, each output flattened. Flattened,
+    not shaped to [N]: a graph that returns the wrong number of values is the caller's to report (the
+    parity gates say how many they got)."""
     name = session.get_inputs()[0].name
     if len(x) <= rows:
-        return [np.asarray(v).reshape(len(x)) for v in session.run(outputs, {name: x})]
+        return [np.asarray(v).reshape(-1) for v in session.run(outputs, {name: x})]
     parts = [session.run(outputs, {name: x[i : i + rows]}) for i in range(0, len(x), rows)]
     return [np.concatenate([np.asarray(p[j]).reshape(-1) for p in parts]) for j in range(len(outputs))]
 

@@ -416,6 +416,9 @@ def test_parallel_trials_overlap_on_worker_groups_and_repeat_exactly(client, clu
     assert [t["value"] for t in again.trials] == [t["value"] for t in first.trials]
     assert again.best_params == first.best_params and again.n_rounds == first.n_rounds
     assert again.booster.save_raw("ubj") == first.booster.save_raw("ubj")
+    # calibration saw every training row once: the validation rows of the folds, not their training rows
+    assert len(first.oof_margin) == trained.training_data["train_rows"]
+    np.testing.assert_array_equal(again.oof_margin, first.oof_margin)
     with pytest.raises(ClusterError, match=r"'tuning.parallel_trials' is 3: .* the cluster has 2"):
         worker_groups(client, 3)
 

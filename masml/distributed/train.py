@@ -469,11 +469,11 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
 
     import dask.dataframe as dd
 
-    def held_out_fold(k: int, column: list[str] | str):
+    def fold_valid(k: int, column: list[str] | str):
         """Fold k's validation rows (the same rows, in the same order, as ``train[train.__fold == k]``),
         cut from the pinned training pieces where they lie. Why not from ``train``: each fold would
         filter every whole feature partition, held-out rows included, on whichever worker the
-        scheduler picked, copying partitions between workers to do it."""
+        scheduler picked (moving the partition there first if it lay elsewhere)."""
         futures = [_pinned(client, _fold_piece, r, k, True, column, worker=w)
                    for r, w in zip(parts, where, strict=True)]  # fmt: skip
         return dd.from_delayed(futures, meta=meta[column], verify_meta=False)
@@ -481,9 +481,9 @@ def _tune_and_fit(client, train, feature_parts: list, names: list[str], spec: li
     margins, labels = [], []
     for k, (booster, n) in enumerate(zip(best["boosters"], best["rounds"], strict=True)):
         margin = dxgb.inplace_predict(
-            client, booster, held_out_fold(k, names), predict_type="margin", iteration_range=(0, n)
+            client, booster, fold_valid(k, names), predict_type="margin", iteration_range=(0, n)
         )
-        m, y = client.compute([margin, held_out_fold(k, "__y")], sync=True)
+        m, y = client.compute([margin, fold_valid(k, "__y")], sync=True)
         margins.append(np.asarray(m, dtype=np.float64).ravel())
         labels.append(np.asarray(y, dtype=np.float64))
     oof_margin, oof_y = np.concatenate(margins), np.concatenate(labels)
