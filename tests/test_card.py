@@ -307,3 +307,22 @@ def test_shap_top_features_are_the_runs_importance_table(card_files, page, saved
     top = saved["explanations"]["top_features"]
     assert [t["feature"] for t in top] == list(importance["feature"])
     assert [t["mean_abs_shap"] for t in top] == pytest.approx(list(importance["mean_abs_shap"]))
+
+
+def test_card_names_the_little_bootstraps_when_the_test_set_used_them(monkeypatch):
+    """A reader of the card must know which resampling gave the intervals: above BLB_MIN_ROWS the
+    report records the subsets and the card says so; below it the text is the plain bootstrap's."""
+    from scipy.special import expit
+
+    from masml import card, evaluation
+
+    rng = np.random.default_rng(3)
+    p = expit(rng.normal(-1, 1.5, 3_000))
+    y = (rng.random(p.size) < p).astype(float)
+    plain = evaluation.evaluate(y, p, n_boot=200, seed=1)["bootstrap"]
+    assert card._boot_text(plain) == "200 replicates, seed 1"
+    monkeypatch.setattr(evaluation, "BLB_MIN_ROWS", 1_000)
+    little = evaluation.evaluate(y, p, n_boot=200, seed=1)["bootstrap"]
+    text = card._boot_text(little)
+    assert little["subsets"] == 2 and little["per_subset"] == 100
+    assert f"2 subsets of {little['subset_size']:,} patients" in text and "Kleiner 2014" in text
