@@ -111,7 +111,33 @@ def log_dataset(frame, name: str, label: str, context: str) -> None:
     import mlflow
 
     dataset = mlflow.data.from_pandas(frame, name=name, targets=label)
+    # ``schema`` is a cached property: filled here, mlflow never runs its own inference (see frame_schema)
+    dataset.__dict__["schema"] = frame_schema(frame)
     mlflow.log_input(dataset, context=context)
+
+
+def frame_schema(frame):
+    """The MLflow schema ``mlflow.data.from_pandas`` would infer for ``frame``, without its per-value loops.
+
+    Why: mlflow 3.x decides each column's ``required`` flag by testing every value in Python, and the
+    type of a string column by looking at every value; on 1M training rows (40 columns) that took 38 s,
+    and on 5M about five minutes and the run's peak memory. Here ``required`` is ``notna().all()`` (the
+    same test, vectorised), a pandas string column is typed ``string`` from its dtype, and any other
+    column keeps mlflow's own inference (fast for numeric dtypes). Equality with mlflow's schema is
+    tested on frames with missing values in every kind of column."""
+    import pandas as pd
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.utils import _infer_pandas_column
+
+    specs = []
+    for name in frame.columns:
+        col = frame[name]
+        if isinstance(col.dtype, pd.StringDtype):
+            kind = DataType.string
+        else:
+            kind = _infer_pandas_column(col)
+        specs.append(ColSpec(type=kind, name=name, required=not bool(col.isna().any())))
+    return Schema(specs)
 
 
 def log_json(obj, artifact_file: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
@@ -67,3 +69,31 @@ def test_a_champion_that_cannot_score_the_data_is_kept_and_the_message_says_why(
     promoted, message = tracking.promote_if_better("masml-test", second, 0.9, incompatible)
     assert not promoted
     assert "cannot score this held-out data (ValueError: graph takes 2 inputs" in message
+
+
+def test_the_logged_dataset_schema_is_the_one_mlflow_would_infer(store):
+    """frame_schema replaces mlflow's per-value inference; the schema a run records must not change."""
+    import mlflow
+    import pandas as pd
+    from mlflow.types.utils import _infer_schema
+
+    frame = pd.DataFrame({
+        "full_float": [1.0, 2.0, 3.0, 4.0],
+        "gappy_float": [1.0, np.nan, 3.0, 4.0],
+        "int": np.array([1, 2, 3, 4], np.int64),
+        "flag": [True, False, True, True],
+        "word": pd.array(["a", "b", "c", "d"], dtype=pd.StringDtype()),
+        "gappy_word": pd.array(["a", None, "c", "d"], dtype=pd.StringDtype()),
+        "nan_word": pd.array(["a", "b", None, "d"], dtype=pd.StringDtype(na_value=np.nan)),
+        "object_word": pd.Series(["a", None, "c", "d"], dtype=object),
+    })  # fmt: skip
+    expected = _infer_schema(frame).to_dict()
+    assert tracking.frame_schema(frame).to_dict() == expected
+    assert [c["required"] for c in expected] == [True, False, True, True, True, False, False, False]
+
+    with tracking.run("masml-test", "dataset") as active:
+        tracking.log_dataset(frame, "cohort.parquet", "full_float", "training")
+    run = mlflow.get_run(active.info.run_id)
+    (logged,) = run.inputs.dataset_inputs
+    assert logged.dataset.name == "cohort.parquet"
+    assert json.loads(logged.dataset.schema)["mlflow_colspec"] == expected
