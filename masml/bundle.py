@@ -68,9 +68,13 @@ def write_bundle(
             raise BundleError("an explainer graph needs its manifest section (manifest['explainer'])")
         manifest = {**manifest, "explainer": {**manifest["explainer"], "sha256": sha256_bytes(explainer)}}
         (out / manifest["explainer"].get("file", EXPLAINER_FILE)).write_bytes(explainer)
+    from masml.onnx_export import SMALL_BATCH
+
     full = {
         "bundle_format": BUNDLE_FORMAT,
         "schema_version": SCHEMA_VERSION,
+        # batches up to this many rows take the graph's cheaper tree ensemble (onnx_export._trees)
+        "small_batch_rows": SMALL_BATCH,
         **manifest,
         "model_sha256": sha256_bytes(model_bytes),
         "versions": versions(),

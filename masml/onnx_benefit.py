@@ -92,10 +92,24 @@ def _merge(g: _Graph, sub: _Graph, prefix: str, external: set[str]) -> None:
         init.name = rename(init.name)
         g.inits.append(init)
     for node in sub.nodes:
-        node.input[:] = [rename(n) for n in node.input]
-        node.output[:] = [rename(n) for n in node.output]
-        node.name = rename(node.name)
+        _rename_node(node, rename)
         g.nodes.append(node)
+
+
+def _rename_node(node: onnx.NodeProto, rename) -> None:
+    """Rename a node's values, and every value inside its subgraphs (an ``If``'s branches): a branch
+    reads outer values by name, so both scopes must be renamed alike."""
+    node.input[:] = [rename(n) for n in node.input]
+    node.output[:] = [rename(n) for n in node.output]
+    node.name = rename(node.name)
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for init in graph.initializer:
+                init.name = rename(init.name)
+            for info in [*graph.input, *graph.output, *graph.value_info]:
+                info.name = rename(info.name)
+            for inner in graph.node:
+                _rename_node(inner, rename)
 
 
 def _sub_model(g: _Graph, prefix: str, forest: _Forest, feats: str, cal: Calibrator | None) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,30 @@ class Model:
     guardrails: Guardrails | None
     fingerprint: str = ""
     explainer: Explainer | None = None
-    batch_session: Any = None  # BATCH_THREADS threads, for batches of at least BATCH_ROWS rows
+    piece_rows: int | None = None  # manifest "small_batch_rows": rows per call on the graph's cheap branch
 
     def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
-        big = self.batch_session is not None and x32.shape[0] >= BATCH_ROWS
-        values = (self.batch_session if big else self.session).run(self.run_outputs, {self.input_name: x32})
-        return {k: np.asarray(v).reshape(-1) for k, v in zip(self.run_outputs, values, strict=True)}
+        n = x32.shape[0]
+        if self.piece_rows is None or n <= self.piece_rows:
+            values = self.session.run(self.run_outputs, {self.input_name: x32})
+            return {k: np.asarray(v).reshape(-1) for k, v in zip(self.run_outputs, values, strict=True)}
+        pieces = range(0, n, self.piece_rows)
+        spans = np.array_split(np.asarray(pieces), min(BATCH_THREADS, len(pieces)))
+        parts = (
+            _pool().map(self._run_pieces, [x32] * len(spans), spans)
+            if len(spans) > 1
+            else [self._run_pieces(x32, spans[0])]
+        )
+        done = [p for span in parts for p in span]
+        return {
+            k: np.concatenate([np.asarray(p[j]).reshape(-1) for p in done])
+            for j, k in enumerate(self.run_outputs)
+        }
+
+    def _run_pieces(self, x32: np.ndarray, starts: np.ndarray) -> list[list]:
+        """One thread's share of a batch, ``piece_rows`` rows per call (onnxruntime lets go of the GIL)."""
+        step, feed = self.piece_rows, self.input_name
+        return [self.session.run(self.run_outputs, {feed: x32[i : i + step]}) for i in starts.tolist()]
 
     def summary(self) -> dict:
         m = self.manifest
@@ -156,20 +175,31 @@ def _metrics_summary(metrics: dict) -> dict:
     return out
 
 
-# Batches of at least BATCH_ROWS rows run on a second session with BATCH_THREADS intra-op threads.
-# Why only large ones: onnxruntime splits a tree ensemble over rows once a batch is large (each row's
-# trees still summed in the same order, so the risks are bit-identical; tests/test_serve.py checks),
-# but splits a small batch over trees, which reorders the sums and costs a thread hand-off that one
-# patient does not repay. Why no spinning: idle intra-op threads would otherwise burn the CPU the
-# event loop needs between batches.
-BATCH_ROWS = 256
+# A batch of more than the manifest's ``small_batch_rows`` (50 for masml's graphs) is scored in calls of
+# that many rows, split over BATCH_THREADS Python threads sharing the model's one-thread session.
+# Why pieces: up to that many rows the graph takes its single-target tree ensemble, which onnxruntime
+# sums tree by tree in order (xgboost's margin bit for bit) and runs 25-40% faster per row than the
+# one-target-per-tree form the graph uses for bigger batches (docs/architecture.md §3). Why threads of
+# our own rather than onnxruntime's: its threads would split a small batch over trees, which reorders
+# the sums; split over rows, every row's risk is the same as one call's (tests/test_serve.py checks).
+# A bundle without ``small_batch_rows`` (made before it) is scored in one call, on one thread.
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="masml-batch")
+    return _POOL
 
 
 def _batch_threads(raw: str) -> int:
-    """MASML_SERVE_BATCH_THREADS, capped at the machine's cores; 1 turns the batch session off."""
+    """MASML_SERVE_BATCH_THREADS, capped at the machine's cores; 1 scores a batch's pieces in turn."""
     if not raw.strip().isdigit() or int(raw) < 1:
         raise SystemExit(
-            f"MASML_SERVE_BATCH_THREADS is {raw!r}; expected a whole number >= 1 (1: no batch session)"
+            f"MASML_SERVE_BATCH_THREADS is {raw!r}; expected a whole number >= 1 (1: no batch threads)"
         )
     return min(int(raw), os.cpu_count() or 1)
 
@@ -177,13 +207,11 @@ def _batch_threads(raw: str) -> int:
 BATCH_THREADS = _batch_threads(os.environ.get("MASML_SERVE_BATCH_THREADS", "2"))
 
 
-def session_for(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
+def session_for(model_bytes: bytes) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads  # 1: as masml.predict, and one row needs no more
+    opts.intra_op_num_threads = 1  # batches are split over rows by _run_pieces, not inside onnxruntime
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    if threads > 1:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
@@ -360,8 +388,17 @@ def load_model(bundle: Path, previous: Model | None = None) -> Model:
         guardrails=guardrails,
         fingerprint=fp,
         explainer=explainer,
-        batch_session=session_for(model_bytes, BATCH_THREADS) if BATCH_THREADS > 1 else None,
+        piece_rows=_piece_rows(manifest),
     )
+
+
+def _piece_rows(manifest: dict) -> int | None:
+    raw = manifest.get("small_batch_rows")
+    if raw is None:
+        return None
+    if type(raw) is not int or raw < 1:
+        raise BundleRefused(f"manifest small_batch_rows is {raw!r}; expected a whole number >= 1")
+    return raw
 
 
 @dataclass

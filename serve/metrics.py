@@ -60,6 +60,7 @@ class Metrics:
         self.missing: dict[tuple, int] = defaultdict(int)  # (model, input)
         self.predictions: dict[tuple, Histogram] = {}  # (model, output)
         self.guardrails: dict[tuple, int] = defaultdict(int)  # (model, rule, status)
+        self._missing_keys: dict[str, tuple[list[str], list[tuple]]] = {}  # model -> (names, keys)
 
     def request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         self.requests[(endpoint, model, str(status))] += 1
@@ -74,16 +75,32 @@ class Metrics:
     def scored(self, model: str, names: list[str], x: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """Drift signals: how often each input is missing, and where predictions fall."""
         self.patients[model] += x.shape[0]
-        counts = np.isnan(x).sum(axis=0)
-        for j in np.flatnonzero(counts).tolist():
-            self.missing[(model, names[j])] += int(counts[j])
+        cached = self._missing_keys.get(model)
+        if cached is None or cached[0] is not names:  # a reloaded model brings a new list of names
+            cached = self._missing_keys[model] = (names, [(model, n) for n in names])
+        keys = cached[1]
+        one = x.shape[0] == 1
+        if one:  # one patient: plain loops over 35 floats cost less than numpy's reductions
+            missing = self.missing
+            for key, v in zip(keys, x[0].tolist(), strict=True):
+                if v != v:
+                    missing[key] += 1
+        else:
+            counts = np.isnan(x).sum(axis=0)
+            for j in np.flatnonzero(counts).tolist():
+                self.missing[keys[j]] += int(counts[j])
         for out, values in outputs.items():
             h = self.predictions.get((model, out))
             if h is None:
                 h = self.predictions[(model, out)] = Histogram(
                     BENEFIT_BUCKETS if out == "benefit" else RISK_BUCKETS
                 )
-            h.observe_many(np.asarray(values, dtype=np.float64))
+            if one:
+                v = float(values[0])
+                if v == v:
+                    h.observe(v)
+            else:
+                h.observe_many(np.asarray(values, dtype=np.float64))
 
     def render(self, models: dict[str, list[str]]) -> str:
         lines: list[str] = []

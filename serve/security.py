@@ -90,6 +90,8 @@ class Audit:
         key = os.environ.get("MASML_SERVE_AUDIT_KEY")
         self.key = key.encode() if key else None
         self.encoder = msgspec.json.Encoder()
+        self._second, self._stamp = -1, ""  # the time stamp to the second, made once per second
+        self._formats: dict[tuple[str, ...], bytes] = {}  # one line's format per set of output names
         # a hash (or HMAC, key pads already hashed) to copy per row: see input_hashes
         self._hash = hmac.new(self.key, digestmod=hashlib.sha256) if self.key else hashlib.sha256()
 
@@ -120,8 +122,11 @@ class Audit:
     ) -> None:
         """``outputs``: per output name, one value per patient (row order of ``x32``)."""
         now = time.time()
+        second = int(now)
+        if second != self._second:  # strftime costs ~4 µs: once per second, not once per request
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         common = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+            "time": f"{self._stamp}.{int(now * 1000) % 1000:03d}Z",
             "request_id": request_id,
             "endpoint": endpoint,
             "model": model.name,
@@ -135,8 +140,11 @@ class Audit:
         enc = self.encoder.encode
         # each output column encoded in one call and cut at its commas (numbers and null hold none), so
         # a line is one bytes format, not one dict and one encode per patient
-        keys = b",".join(enc(k).replace(b"%", b"%%") + b":%s" for k in outputs)
-        fmt = b'%s%d,"input_sha256":"%s","outputs":{' + keys + b"}}\n"
+        names = tuple(outputs)
+        fmt = self._formats.get(names)
+        if fmt is None:
+            keys = b",".join(enc(k).replace(b"%", b"%%") + b":%s" for k in names)
+            fmt = self._formats[names] = b'%s%d,"input_sha256":"%s","outputs":{' + keys + b"}}\n"
         columns = [
             enc(v)[1:-1].split(b",") if v and _numbers(v) else list(map(enc, v)) for v in outputs.values()
         ]

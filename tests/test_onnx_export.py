@@ -74,7 +74,11 @@ def test_parity_on_held_out_missing_and_threshold_rows(data, model, kind):
     assert report["n_threshold_rows"] > 100
     assert report["n_threshold_neighbour_rows"] > 100
     assert report["n_single_rows"] == 20
-    assert set(report["by_kind"]) == {"given", "single_row", "missing", "threshold", "threshold_neighbour"}
+    stress = report["n_missing_rows"] + report["n_threshold_rows"] + report["n_threshold_neighbour_rows"]
+    assert report["n_small_batch_rows"] == 500 + stress  # every row again through the small-batch branch
+    assert set(report["by_kind"]) == {
+        "given", "single_row", "small_batch", "missing", "threshold", "threshold_neighbour"
+    }  # fmt: skip
     for kind_report in report["by_kind"].values():
         assert kind_report["max_abs_diff_risk"] <= 1e-5
         # by construction the margin is xgboost's bit for bit (same float32 sum, same order)
@@ -148,6 +152,32 @@ def test_margin_is_independent_of_threads_and_batch(data, model):
     one = session(data_bytes, 2)
     for i in range(5):
         np.testing.assert_array_equal(one.run(["margin"], {ox.INPUT: x[i : i + 1]})[0], want[i : i + 1])
+    # either side of the graph's switch between its small-batch and large-batch ensembles
+    for threads in (1, 2):
+        sess = session(data_bytes, threads)
+        for n in (2, ox.SMALL_BATCH - 1, ox.SMALL_BATCH, ox.SMALL_BATCH + 1, 2 * ox.SMALL_BATCH + 7):
+            np.testing.assert_array_equal(sess.run(["margin"], {ox.INPUT: x[:n]})[0], want[:n])
+
+
+def test_small_batches_take_the_single_target_ensemble(data, model):
+    """The switch exists and is where the docstring says: a one-target ensemble up to SMALL_BATCH rows
+    (the cheap kernel), a one-target-per-tree ensemble summed by CumSum above."""
+    X, _, spec = data
+    booster, cals = model
+    onx = export(booster, spec, cals["isotonic"])
+    (switch,) = [n for n in onx.graph.node if n.op_type == "If"]
+    assert switch.output[0] == ox.MARGIN
+    branches = {a.name: a.g for a in switch.attribute}
+    targets = {
+        name: [a.i for n in g.node if n.op_type == "TreeEnsembleRegressor" for a in n.attribute
+               if a.name == "n_targets"]
+        for name, g in branches.items()
+    }  # fmt: skip
+    n_trees = len(ox._read_forest(booster).trees)
+    assert targets == {"then_branch": [1], "else_branch": [n_trees]}
+    assert "CumSum" in {n.op_type for n in branches["else_branch"].node}
+    limit = [i for i in onx.graph.initializer if i.name == "small_batch"][0]
+    assert list(onnx.numpy_helper.to_array(limit)) == [ox.SMALL_BATCH]
 
 
 def test_scoring_in_slices_of_rows_is_one_call_bit_for_bit(data, model):
@@ -198,8 +228,13 @@ def test_early_stopped_booster_uses_best_iteration(data):
 # --------------------------------------------------------------------------------------------------
 
 
-def _tree_attr(onx: onnx.ModelProto, name: str) -> onnx.AttributeProto:
-    node = next(n for n in onx.graph.node if n.op_type == "TreeEnsembleRegressor")
+BRANCHES = ["then_branch", "else_branch"]  # the graph's small-batch and large-batch ensembles
+
+
+def _tree_attr(onx: onnx.ModelProto, name: str, branch: str) -> onnx.AttributeProto:
+    switch = next(n for n in onx.graph.node if n.op_type == "If")
+    graph = next(a.g for a in switch.attribute if a.name == branch)
+    node = next(n for n in graph.node if n.op_type == "TreeEnsembleRegressor")
     return next(a for a in node.attribute if a.name == name)
 
 
@@ -216,17 +251,19 @@ def test_gate_fails_when_calibrator_differs(data, model):
         ox.parity_gate(onx, booster, spec, cals["isotonic"], X[2500:])
 
 
-def test_gate_fails_on_a_tampered_leaf(data, model):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_gate_fails_on_a_tampered_leaf(data, model, branch):
     X, _, spec = data
     booster, cals = model
     onx = export(booster, spec, cals["platt"])
-    weights = _tree_attr(onx, "target_weights")
+    weights = _tree_attr(onx, "target_weights", branch)
     weights.floats[3] += 0.01
     with pytest.raises(ox.ParityError, match=r"parity failed on risk|parity failed on margin"):
         ox.parity_gate(onx, booster, spec, cals["platt"], X[2500:], margin_tol=1e-3)
 
 
-def test_threshold_rows_catch_a_one_ulp_threshold_error(data, model):
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_threshold_rows_catch_a_one_ulp_threshold_error(data, model, branch):
     """Nudging one split up by one float32 step flips only rows sitting exactly on it: held-out rows
     can miss that, the generated threshold rows cannot."""
     X, _, spec = data
@@ -235,14 +272,14 @@ def test_threshold_rows_catch_a_one_ulp_threshold_error(data, model):
     forest = ox._read_forest(booster)
     root = forest.trees[0]
     f, thr = int(root.feature[0]), np.float32(root.threshold[0])
-    values = _tree_attr(onx, "nodes_values")
+    values = _tree_attr(onx, "nodes_values", branch)
     assert np.float32(values.floats[0]) == thr  # node 0 of tree 0 is the root
     values.floats[0] = float(np.nextafter(thr, np.float32(np.inf)))
     x = X[2500:]
     on_split = np.any(transform(x, spec)[:, f] == thr)
     if not on_split:  # no held-out row sits on this split: without threshold rows the error goes unseen
         ox.parity_gate(onx, booster, spec, cals["platt"], x, missing_rows=0, threshold_rows=False)
-    with pytest.raises(ox.ParityError, match=r"\(threshold: feature "):
+    with pytest.raises(ox.ParityError, match=r"\(threshold: feature |small_batch: threshold row, feature "):
         ox.parity_gate(onx, booster, spec, cals["platt"], x)
 
 

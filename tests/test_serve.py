@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -94,11 +95,12 @@ def test_health_models_and_refused_bundle(server):
 
 def test_predictions_equal_onnxruntime_on_masml_encoding(server, bundle, frame):
     """The service's risk is bit-for-bit onnxruntime on masml's encode_inputs of the same patients.
-    300 patients: at least serve.bundles.BATCH_ROWS, so the multi-threaded batch session answers."""
-    from serve.bundles import BATCH_ROWS
+    300 patients: more than the manifest's small_batch_rows, so the service scores them in pieces of
+    that many rows on two threads, while the reference is one call (the graph's large-batch branch)."""
+    from serve.bundles import BATCH_THREADS
 
-    assert len(frame) >= BATCH_ROWS
     manifest = json.loads((bundle[1] / "onset" / "manifest.json").read_text())
+    assert len(frame) > 2 * manifest["small_batch_rows"] and BATCH_THREADS >= 1
     names = [i["name"] for i in manifest["inputs"]]
     sess = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes())
     expected = sess.run(["risk"], {"inputs": encode_inputs(frame, names)})[0].reshape(-1)
@@ -109,6 +111,28 @@ def test_predictions_equal_onnxruntime_on_masml_encoding(server, bundle, frame):
     assert [p["patient_id"] for p in body["predictions"]] == frame["patient_id"].tolist()
     assert body["model"]["sha256"] == manifest["model_sha256"] and body["predictions"][0]["guardrails"] == []
     assert "margin" not in body["predictions"][0]
+
+
+def test_a_batch_scored_in_pieces_on_threads_equals_one_call(bundle, frame, tmp_path):
+    """Model.run cuts a batch into calls of small_batch_rows on the graph's single-target branch, split
+    over threads; every output equals one onnxruntime call, at and around the piece size. A manifest
+    whose small_batch_rows is not a whole number >= 1 is refused, naming the field."""
+    from serve.bundles import BundleRefused, load_model
+
+    model = load_model(bundle[1] / "onset")
+    assert model.piece_rows == 50
+    names = [s.name for s in model.encoder.specs]
+    x = encode_inputs(frame, names).astype(np.float32)
+    sess = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes())
+    for n in (1, 49, 50, 51, 100, 137, len(x)):
+        want = dict(zip(model.run_outputs, sess.run(model.run_outputs, {"inputs": x[:n]}), strict=True))
+        got = model.run(x[:n])
+        for k in model.run_outputs:
+            np.testing.assert_array_equal(got[k], want[k].reshape(-1), err_msg=f"{k} at {n} rows")
+
+    bad = copy_bundle(bundle[1] / "onset", tmp_path / "onset", small_batch_rows=0)
+    with pytest.raises(BundleRefused, match=r"small_batch_rows is 0; expected a whole number >= 1"):
+        load_model(bad)
 
 
 def test_units_are_converted_before_scoring(server):
@@ -234,7 +258,9 @@ def test_audit_log_has_hashes_and_outputs_but_no_inputs(server):
     assert [r["index"] for r in recs] == [0, 1, 2] and {r["n"] for r in recs} == {3}
     for rec, pred in zip(recs, body["predictions"], strict=True):
         assert rec["sha256"] == body["model"]["sha256"] and rec["outputs"] == {"risk": pred["risk"]}
-        assert len(rec["input_sha256"]) == 32 and rec["version"] and rec["time"]
+        assert len(rec["input_sha256"]) == 32 and rec["version"]
+        stamp = datetime.strptime(rec["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert abs((datetime.now(UTC) - stamp).total_seconds()) < 120  # UTC, to the millisecond
     assert recs[0]["input_sha256"] == recs[2]["input_sha256"] != recs[1]["input_sha256"]
     text = server.audit.read_text() + server.stderr()
     for raw in ("MRN-0042-SECRET", "98765.4", "123.456", "47.25", "aosd"):
@@ -252,6 +278,32 @@ def test_metrics_count_requests_missingness_and_predictions(server):
     assert 'masml_input_missing_total{model="onset",input="ferritin"}' in text
     assert 'masml_prediction_bucket{model="onset",output="risk",le="0.5"}' in text
     assert 'masml_request_duration_seconds_count{endpoint="predict",model="onset"}' in text
+
+
+def test_metrics_count_the_same_one_patient_at_a_time_as_in_a_batch():
+    """Metrics.scored has a one-patient path (plain loops) and a batch path (numpy): same counts."""
+    from serve.metrics import Metrics
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 5))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    x[0, 1] = np.nan
+    risk = rng.random(40)
+    risk[[3, 7]] = np.nan
+    names = ["a", "b", "c", "d", "e"]
+    one, batch = Metrics(), Metrics()
+    for i in range(40):
+        one.scored("m", names, x[i : i + 1], {"risk": risk[i : i + 1]})
+    batch.scored("m", names, x, {"risk": risk})
+    assert dict(one.missing) == dict(batch.missing) == {
+        ("m", n): int(np.isnan(x[:, j]).sum()) for j, n in enumerate(names) if np.isnan(x[:, j]).any()
+    }
+    h1, h2 = one.predictions[("m", "risk")], batch.predictions[("m", "risk")]
+    assert h1.counts == h2.counts and h1.count == h2.count == 38 and h1.sum == pytest.approx(h2.sum)
+    renamed = ["v", "w", "x", "y", "z"]  # a reloaded model with other inputs: counted under its names
+    one.scored("m", renamed, x[:1], {"risk": risk[:1]})
+    gaps = {("m", renamed[j]) for j in np.flatnonzero(np.isnan(x[0]))}
+    assert {k for k in one.missing if k[1] in renamed} == gaps and ("m", "w") in gaps
 
 
 def test_openapi_documents_every_schema(server):
