@@ -180,6 +180,13 @@ app_ls=$("$DOCKER" exec "$NAME" ls /app 2>&1 | xargs || true)
 if [[ $app_ls == "models serve" ]]; then ok "/app holds only: $app_ls"
 else bad "/app should hold only 'models serve'" "ls /app: $app_ls"; fi
 
+# onnxruntime 1.31 looks up Microsoft's telemetry host unless ORT_DISABLE_TELEMETRY=1 (seen with tcpdump on
+# docker0); the Dockerfile sets it, and a clinical service must not send anything out.
+telemetry_env=$("$DOCKER" exec "$NAME" printenv ORT_DISABLE_TELEMETRY 2>/dev/null || true)
+if [[ $telemetry_env == 1 ]] && ! "$DOCKER" logs "$NAME" 2>&1 | grep -qi 'telemetry'; then
+    ok "onnxruntime telemetry off (ORT_DISABLE_TELEMETRY=1, no telemetry line in the log)"
+else bad "onnxruntime telemetry" "ORT_DISABLE_TELEMETRY=${telemetry_env:-unset}; set it to 1 in the image"; fi
+
 size=$("$DOCKER" image ls --format '{{.Size}}' "$IMAGE_TAG" | head -n 1)
 size_bytes=$("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE_TAG")
 log "image $IMAGE_TAG: $size ($size_bytes bytes)"
