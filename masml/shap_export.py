@@ -67,7 +67,7 @@ from masml.onnx_export import (
 
 CONTRIBUTIONS, INPUT_CONTRIBUTIONS, BASE_VALUE = "contributions", "input_contributions", "base_value"
 EXPLAINER_FILE = "explainer.onnx"
-PRODUCER_VERSION = "shap-1"  # bump when the explainer graph layout changes
+PRODUCER_VERSION = "shap-2"  # bump when the explainer graph layout changes
 MAX_TABLE_ENTRIES = 64_000_000  # 256 MB of float32: beyond this, depth is too large for v2 tables
 ATTRIBUTION_RULE = (
     "column -> its input (weight 1); one_hot -> its categorical input (weight 1); ratio -> numerator and "
@@ -84,18 +84,18 @@ class ExplainerParityError(ParityError):
 class _Tables:
     """Everything the graph needs, flattened over all trees (internal nodes, leaves, (leaf, feature))."""
 
-    node_feature: np.ndarray  # int64 [M]: feature each internal node splits on
-    node_threshold: np.ndarray  # float32 [M]
-    node_default_left: np.ndarray  # bool [M]
-    cond_node: np.ndarray  # int64 [L*D]: internal node of each leaf's c-th path condition (0 = padding)
-    cond_left: np.ndarray  # bool [L*D]: the condition holds when the row goes left at that node
-    cond_bit: np.ndarray  # int32 [L*D]: 2^c, 0 for padding
+    node_feature: np.ndarray  # int64 [M+1]: feature each internal node splits on (+ a padding node)
+    node_threshold: np.ndarray  # float32 [M+1]
+    node_default_left: np.ndarray  # bool [M+1]
+    node_bit: np.ndarray  # int32 [M+1]: 2^depth of the node (its condition's bit in a path), 0 for padding
+    cond_index: np.ndarray  # int64 [L*D]: node of each leaf's c-th condition, + (M+1) if it holds on the
+    #   right; padding conditions point at the padding node, whose bit is 0 on both sides
     depth: int  # D: the longest root-to-leaf path
-    table: np.ndarray  # float32 [sum over leaves of 2^(path length)]: H at each condition pattern
+    table: np.ndarray  # float32 [L * 2^D]: H at each condition pattern, leaf l's from l * 2^D
     entry_leaf: np.ndarray  # int64 [P]: the leaf of each (leaf, feature) pair
-    entry_keep: np.ndarray  # int32 [P]: condition bits of the other features
+    entry_keep: np.ndarray  # int32 [P]: condition bits of the other features, and every bit >= D (the
+    #   leaf's table row, which the pattern carries in its high bits)
     entry_mask: np.ndarray  # int32 [P]: condition bits of this feature
-    entry_offset: np.ndarray  # int32 [P]: where the leaf's table starts
     entry_one: np.ndarray  # float32 [P]: v (1 - z) / z, used when the row meets the feature's conditions
     entry_zero: np.ndarray  # float32 [P]: -v, used when it does not
     entry_feature: np.ndarray  # int64 [P]: model feature index
@@ -156,46 +156,50 @@ def _tables(forest: _Forest) -> _Tables:
     if depth == 0:
         raise ValueError("every tree is a single leaf: the model has no splits, so nothing to explain")
     n_leaves = len(paths)
-    size = sum(1 << len(p) for _, p in paths)
+    stride = 1 << depth  # every leaf's table padded to 2^D: its row is then the pattern's high bits
+    size = n_leaves * stride
     if size > MAX_TABLE_ENTRIES:
         raise ValueError(
             f"explainer tables would hold {size:,} entries ({n_leaves} leaves, paths up to {depth} splits): "
             f"too large for this method (limit {MAX_TABLE_ENTRIES:,}); use shallower trees"
         )
-    cond_node = np.zeros((n_leaves, depth), np.int64)
-    cond_left = np.zeros((n_leaves, depth), bool)
-    cond_bit = np.zeros((n_leaves, depth), np.int32)
-    tables: list[np.ndarray] = []  # a leaf at depth d has 2^d condition patterns (padding bits are 0)
-    entries: list[tuple[int, int, int, float, float, int, int]] = []
-    starts = np.cumsum([0] + [1 << len(p) for _, p in paths])
+    pad = int(offsets[-1])  # the padding node, after every internal node
+    cond_index = np.full((n_leaves, depth), pad, np.int64)
+    node_bit = np.zeros(pad + 1, np.int32)
+    table = np.zeros(size, np.float64)  # a leaf at depth d fills 2^d of its 2^D slots
+    entries: list[tuple[int, int, int, float, float, int]] = []
+    high = ~(stride - 1)  # the bits above the pattern: the leaf's table row
     for leaf, (v, path) in enumerate(paths):
         features: list[int] = []  # distinct features in path order
         for c, (node, left, feature, _) in enumerate(path):
-            cond_node[leaf, c], cond_left[leaf, c], cond_bit[leaf, c] = node, left, 1 << c
+            cond_index[leaf, c] = node if left else node + pad + 1
+            node_bit[node] = 1 << c  # the c-th condition of every path through it: its depth is c
             if feature not in features:
                 features.append(feature)
         masks = np.array(
             [sum(1 << c for c, step in enumerate(path) if step[2] == f) for f in features], np.int64
         )
         z = np.array([np.prod([step[3] for step in path if step[2] == f]) for f in features])
-        tables.append(_leaf_table(z, masks, len(path)))
+        table[leaf * stride : leaf * stride + (1 << len(path))] = _leaf_table(z, masks, len(path))
         full = (1 << len(path)) - 1
         for f, m, zk in zip(features, masks, z, strict=True):
-            entries.append((leaf, full & ~int(m), int(m), v * (1.0 - zk) / zk, -v, f, int(starts[leaf])))
-    e = list(zip(*entries, strict=True)) if entries else [[] for _ in range(7)]
+            entries.append((leaf, (full & ~int(m)) | high, int(m), v * (1.0 - zk) / zk, -v, f))
+    e = list(zip(*entries, strict=True)) if entries else [[] for _ in range(6)]
+
+    def nodes(values: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate([*values, np.zeros(1, dtype)]).astype(dtype)  # + the padding node
+
     return _Tables(
-        node_feature=np.concatenate([t.feature[~t.is_leaf] for t in forest.trees]).astype(np.int64),
-        node_threshold=np.concatenate([t.threshold[~t.is_leaf] for t in forest.trees]).astype(np.float32),
-        node_default_left=np.concatenate([t.default_left[~t.is_leaf] for t in forest.trees]).astype(bool),
-        cond_node=cond_node.reshape(-1),
-        cond_left=cond_left.reshape(-1),
-        cond_bit=cond_bit.reshape(-1),
+        node_feature=nodes([t.feature[~t.is_leaf] for t in forest.trees], np.int64),
+        node_threshold=nodes([t.threshold[~t.is_leaf] for t in forest.trees], np.float32),
+        node_default_left=nodes([t.default_left[~t.is_leaf] for t in forest.trees], bool),
+        node_bit=node_bit,
+        cond_index=cond_index.reshape(-1),
         depth=depth,
-        table=np.concatenate(tables).astype(np.float32),
+        table=table.astype(np.float32),
         entry_leaf=np.asarray(e[0], np.int64),
         entry_keep=np.asarray(e[1], np.int32),
         entry_mask=np.asarray(e[2], np.int32),
-        entry_offset=np.asarray(e[6], np.int32),
         entry_one=np.asarray(e[3], np.float32),
         entry_zero=np.asarray(e[4], np.float32),
         entry_feature=np.asarray(e[5], np.int64),
@@ -245,7 +249,7 @@ def _by_feature(tb: _Tables, n_features: int, chunk: int) -> tuple[dict[str, np.
     pos = np.repeat(start, counts) + np.arange(len(order)) - np.repeat(first, counts)  # sorted entry -> slot
     fields = {
         "leaf": (tb.entry_leaf, 0), "keep": (tb.entry_keep, 0), "mask": (tb.entry_mask, 0),
-        "offset": (tb.entry_offset, 0), "one": (tb.entry_one, 0.0), "zero": (tb.entry_zero, 0.0),
+        "one": (tb.entry_one, 0.0), "zero": (tb.entry_zero, 0.0),
     }  # fmt: skip
     out = {}
     for name, (values, pad) in fields.items():
@@ -271,15 +275,17 @@ def _explain_graph(g: _Graph, tb: _Tables, features: str, n_features: int) -> st
     # xgboost: x < t goes left, NaN the default way (NaN < t is false, so only NaN rows take the And)
     default_left = c("shap_node_default_left", tb.node_default_left, bool)
     go_left = g.op("Or", [below, g.op("And", [missing, default_left], "shap_nan_left")], "shap_go_left")
-    went = _columns(g, go_left, tb.cond_node, "shap_cond_went")
-    met = g.op("Equal", [went, c("shap_cond_left", tb.cond_left, bool)], "shap_cond_met")
-    zero = c("shap_zero_i32", 0, np.int32)
-    bits = g.op("Where", [met, c("shap_cond_bit", tb.cond_bit, np.int32), zero], "shap_cond_bits")
+    # each node's bit on the side the row took, per side ([left | right], once per node, not per path)
+    bit = c("shap_node_bit", tb.node_bit, np.int32)
+    left = g.op("Where", [go_left, bit, c("shap_zero_i32", 0, np.int32)], "shap_left_bit")
+    sides = g.op("Concat", [left, g.op("Sub", [bit, left], "shap_right_bit")], "shap_side_bits", axis=1)
+    bits = _columns(g, sides, tb.cond_index, "shap_cond_bits")
     per_leaf = g.op("Reshape", [bits, c("shap_cond_shape", [0, -1, tb.depth], np.int64)], "shap_cond_bits_3d")
     pattern = g.op("ReduceSum", [per_leaf, c("shap_axis_2", [2], np.int64)], "shap_leaf_pattern", keepdims=0)
-    pat = _columns(g, pattern, entry["leaf"], "shap_entry_pattern")
-    kept = g.op("BitwiseAnd", [pat, c("shap_entry_keep", entry["keep"], np.int32)], "shap_entry_kept")
-    index = g.op("Add", [kept, c("shap_entry_offset", entry["offset"], np.int32)], "shap_entry_index")
+    row = c("shap_leaf_row", np.arange(len(tb.table) >> tb.depth) << tb.depth, np.int32)
+    located = g.op("Add", [pattern, row], "shap_leaf_located")  # + where the leaf's table starts
+    pat = _columns(g, located, entry["leaf"], "shap_entry_pattern")
+    index = g.op("BitwiseAnd", [pat, c("shap_entry_keep", entry["keep"], np.int32)], "shap_entry_index")
     # the table as one row [1, T] and all rows' indices as one row [1, N*P]: GatherElements along axis 1
     # (6x faster in onnxruntime than a [T, 1] column along axis 0, and 10x faster than Gather)
     flat = g.op("Reshape", [index, c("shap_one_row", [1, -1], np.int64)], "shap_entry_index_row")
