@@ -15,6 +15,7 @@ Prints rows/s (best of ``--repeat``) and single-row latency; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import numpy as np
 from masml.cohort import simulate, write_cohort
 from masml.config import load_config
 from masml.encoding import encode_inputs
-from masml.predict import onnx_session
+from masml.predict import onnx_session, run_rows
 from pipelines.risk import run_risk_pipeline
 
 MASML = str(Path(sys.executable).with_name("masml"))
@@ -72,11 +73,13 @@ def main() -> None:
             cmd = [MASML, "predict", str(result.bundle_dir), "--data", str(data), "--out", str(tmp / "o.csv")]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
+        piece = json.loads((result.bundle_dir / "manifest.json").read_text())["small_batch_rows"]
         print(f"{'path':>22} {'rows/s':>12} {'1-row latency µs':>18}")
         rows = [
             ("xgboost predict", lambda: model.predict_risk(x), lambda: model.predict_risk(x[:1])),
             ("onnxruntime (bundle)", lambda: session.run(["risk"], {feed_name: x}),
              lambda: session.run(["risk"], {feed_name: x[:1]})),
+            (f"  in {piece}-row calls", lambda: run_rows(session, ["risk"], x, piece), None),
             ("masml predict (CLI)", cli, None),
         ]  # fmt: skip
         for name, batch, single in rows:

@@ -342,6 +342,23 @@ def main() -> None:
                 float(np.median(tb) * 1e3),
             )
         )
+        # as the service scores a batch: pieces of the manifest's small_batch_rows over two threads
+        piece = json.loads((bundle / "manifest.json").read_text()).get("small_batch_rows")
+        if piece:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def half(rows: np.ndarray) -> None:
+                for i in range(0, len(rows), piece):
+                    sess.run(["risk"], {"inputs": rows[i : i + piece]})
+
+            with ThreadPoolExecutor(2) as pool:
+                tp = []
+                for _ in range(20):
+                    t0 = time.perf_counter()
+                    list(pool.map(half, [x[:500], x[500:1000]]))
+                    tp.append(time.perf_counter() - t0)
+            label = f"  same, 1,000 in {piece}-row calls on 2 threads"
+            results.append((label, "-", "-", "-", "-", "-", float(np.median(tp) * 1e3)))
     finally:
         for p in procs:
             p.terminate()

@@ -23,11 +23,12 @@ def onnx_session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-# Rows per onnxruntime call. Why not all at once: the scoring graph writes every tree's leaf to its own
-# column before summing them in order (masml/onnx_export.py ``_trees``), so one call holds two float32
-# matrices of rows x trees: 1.7 GB for a 250,000-row partition of an 844-tree model, which was the peak
-# memory of one-process training at a million patients (its parity gate) and of cluster scoring. A
-# row's outputs do not depend on the other rows of its call, so the results are the same, bit for bit.
+# Rows per onnxruntime call. Why not all at once: above its small-batch size the scoring graph writes
+# every tree's leaf to its own column before summing them in order (masml/onnx_export.py ``_trees``), so
+# one call holds two float32 matrices of rows x trees: 1.7 GB for a 250,000-row partition of an 844-tree
+# model, which was the peak memory of one-process training at a million patients (its parity gate) and
+# of cluster scoring. A row's outputs do not depend on the other rows of its call, so the results are
+# the same, bit for bit. ``score_frame`` goes further and uses the manifest's ``small_batch_rows``.
 ROWS_PER_RUN = 16_384
 
 

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import math
 import os
 import signal
 import struct
@@ -983,6 +984,9 @@ async def _oip_request(
         flat = _flat_numbers(t.get("data"), where)
         if len(flat) != shape[0] * k:
             raise Problems(400, f"data holds {len(flat)} values, shape {shape} needs {shape[0] * k}")
+        if None in flat:  # numpy's conversion takes a slow path for None: NaN first is ~1 ms less
+            nan = math.nan
+            flat = [nan if v is None else v for v in flat]
         try:
             x32 = np.array(flat, dtype=np.float64).astype(np.float32).reshape(shape[0], k)
         except OverflowError:
