@@ -84,7 +84,8 @@ def main() -> None:
         ]  # fmt: skip
         for name, batch, single in rows:
             seconds = best_of(batch, args.repeat if single else max(1, args.repeat // 2))
-            latency = f"{best_of(single, 200) * 1e6:>18.0f}" if single else f"{'(process)':>18}"
+            blank = "(process)" if batch is cli else "-"
+            latency = f"{best_of(single, 200) * 1e6:>18.0f}" if single else f"{blank:>18}"
             print(f"{name:>22} {args.n / seconds:>12,.0f} {latency}")
 
 

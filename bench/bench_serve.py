@@ -121,23 +121,27 @@ _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def _wrk(
-    port: int, path: str, body: bytes, clients: int, seconds: float, tmp: Path
+    port: int, path: str, body: bytes | None, clients: int, seconds: float, tmp: Path
 ) -> tuple[float, float, float, int]:
     """wrk (a C load generator, Debian package ``wrk``): p50 ms, p99 ms, req/s and non-200 answers.
+    ``body`` None: a plain GET.
 
     Why beside the Python client: a Python client spends about as long as the server per request on
     a 2-core machine, so its latency is the pair's; wrk's is close to the server's alone."""
-    body_file = tmp / f"wrk-{abs(hash(body))}.json"
-    body_file.write_bytes(body)
-    script = tmp / f"wrk-{abs(hash(body))}.lua"
-    script.write_text(
-        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
-    )
+    script_args: list[str] = []
+    if body is not None:
+        body_file = tmp / f"wrk-{abs(hash(body))}.json"
+        body_file.write_bytes(body)
+        script = tmp / f"wrk-{abs(hash(body))}.lua"
+        script.write_text(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+        )
+        script_args = ["-s", str(script)]
     url = f"http://127.0.0.1:{port}{path}"
-    subprocess.run(["wrk", "-t1", "-c1", "-d1s", "-s", str(script), url], capture_output=True, check=True)
+    subprocess.run(["wrk", "-t1", "-c1", "-d1s", *script_args, url], capture_output=True, check=True)
     text = subprocess.run(
-        ["wrk", f"-t{min(clients, 2)}", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
+        ["wrk", f"-t{min(clients, 2)}", f"-c{clients}", f"-d{seconds:g}s", "--latency", *script_args]
         + [url],
         capture_output=True,
         text=True,
@@ -307,6 +311,9 @@ def main() -> None:
                 p50, p99, rps1, bad = _wrk(port, path, one, 1, args.seconds, tmp)
                 rates = [rps1] + [_wrk(port, path, one, c, args.seconds, tmp)[2] for c in (8, 32)]
                 wrk_rows.append((label, p50, p99, *rates, bad))
+            # the HTTP stack's own floor: a GET that does no work (uvicorn, Starlette's router)
+            p50, p99, rps1, bad = _wrk(ours, "/healthz", None, 1, args.seconds, tmp)
+            wrk_rows.append(("masml serve GET /healthz (no work)", p50, p99, rps1, "-", "-", bad))
         for label, port, path, one, batch in targets:
             lat = asyncio.run(_latency(port, path, one, args.latency_n))
             row = [label, pct(lat, 50), pct(lat, 99)]
