@@ -98,7 +98,7 @@ class Model:
         pieces = range(0, n, self.piece_rows)
         spans = np.array_split(np.asarray(pieces), min(BATCH_THREADS, len(pieces)))
         parts = (
-            _pool().map(self._run_pieces, [x32] * len(spans), spans)
+            _POOL.map(self._run_pieces, [x32] * len(spans), spans)
             if len(spans) > 1
             else [self._run_pieces(x32, spans[0])]
         )
@@ -185,16 +185,6 @@ def _metrics_summary(metrics: dict) -> dict:
 # A bundle without ``small_batch_rows`` (made before it) is scored in one call, on one thread.
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="masml-batch")
-    return _POOL
-
-
 def _batch_threads(raw: str) -> int:
     """MASML_SERVE_BATCH_THREADS, capped at the machine's cores; 1 scores a batch's pieces in turn."""
     if not raw.strip().isdigit() or int(raw) < 1:
@@ -205,6 +195,7 @@ def _batch_threads(raw: str) -> int:
 
 
 BATCH_THREADS = _batch_threads(os.environ.get("MASML_SERVE_BATCH_THREADS", "2"))
+_POOL = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="masml-batch")  # threads start on first use
 
 
 def session_for(model_bytes: bytes) -> ort.InferenceSession:

@@ -113,11 +113,15 @@ def test_predictions_equal_onnxruntime_on_masml_encoding(server, bundle, frame):
     assert "margin" not in body["predictions"][0]
 
 
-def test_a_batch_scored_in_pieces_on_threads_equals_one_call(bundle, frame, tmp_path):
+@pytest.mark.parametrize("threads", [2, 1])  # MASML_SERVE_BATCH_THREADS: 1 scores the pieces in turn
+def test_a_batch_scored_in_pieces_on_threads_equals_one_call(bundle, frame, tmp_path, monkeypatch, threads):
     """Model.run cuts a batch into calls of small_batch_rows on the graph's single-target branch, split
     over threads; every output equals one onnxruntime call, at and around the piece size. A manifest
     whose small_batch_rows is not a whole number >= 1 is refused, naming the field."""
+    from serve import bundles
     from serve.bundles import BundleRefused, load_model
+
+    monkeypatch.setattr(bundles, "BATCH_THREADS", threads)
 
     model = load_model(bundle[1] / "onset")
     assert model.piece_rows == 50
@@ -547,6 +551,19 @@ def test_guardrails_agree_with_masml_reference_evaluator(bundle, frame, tmp_path
     got = [{g["id"]: g["status"] for g in p["guardrails"]} for p in body["predictions"]]
     assert got == expected.to_dict("records")
     assert {v for row in got for v in row.values()} >= {"fires", "clear"}
+
+
+def test_serve_turns_onnxruntime_telemetry_off_unless_told_otherwise():
+    """onnxruntime looked up Microsoft's telemetry host from the container: serve sets the switch off
+    before any of its modules import onnxruntime, and an explicit setting wins."""
+    code = "import os, serve; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    for given, want in ((None, "1"), ("0", "0")):
+        run_env = env if given is None else env | {"ORT_DISABLE_TELEMETRY": given}
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=60
+        )
+        assert r.returncode == 0 and r.stdout.strip() == want, r.stderr
 
 
 @pytest.mark.parametrize("bad", ["two", "0", "-1", ""])

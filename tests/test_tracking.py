@@ -71,8 +71,9 @@ def test_a_champion_that_cannot_score_the_data_is_kept_and_the_message_says_why(
     assert "cannot score this held-out data (ValueError: graph takes 2 inputs" in message
 
 
-def test_the_logged_dataset_schema_is_the_one_mlflow_would_infer(store):
-    """frame_schema replaces mlflow's per-value inference; the schema a run records must not change."""
+def test_the_logged_dataset_schema_is_the_one_mlflow_would_infer(store, monkeypatch):
+    """frame_schema replaces mlflow's per-value inference (which must not run); the schema a run records
+    must not change."""
     import mlflow
     import pandas as pd
     from mlflow.types.utils import _infer_schema
@@ -91,6 +92,11 @@ def test_the_logged_dataset_schema_is_the_one_mlflow_would_infer(store):
     assert tracking.frame_schema(frame).to_dict() == expected
     assert [c["required"] for c in expected] == [True, False, True, True, True, False, False, False]
 
+    def slow(*_args, **_kwargs):
+        raise AssertionError("mlflow's value-by-value schema inference ran")
+
+    # mlflow swallows an inference error and logs no schema: the assertion below would then fail
+    monkeypatch.setattr("mlflow.data.pandas_dataset._infer_schema", slow)
     with tracking.run("masml-test", "dataset") as active:
         tracking.log_dataset(frame, "cohort.parquet", "full_float", "training")
     run = mlflow.get_run(active.info.run_id)
