@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import logging
 import math
 import os
 import signal
 import struct
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ import anyio
 import msgspec
 import numpy as np
 from starlette.applications import Starlette
+from starlette.datastructures import Address, Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -154,7 +155,7 @@ def create_app(config: Config | None = None) -> Starlette:
             t0 = time.perf_counter()
             ctx: dict[str, Any] = {
                 "model": "-",
-                "request_id": request.headers.get("x-request-id") or uuid.uuid4().hex,
+                "request_id": request.headers.get("x-request-id") or new_request_id(),
             }
             try:
                 if role is not None:
@@ -172,7 +173,7 @@ def create_app(config: Config | None = None) -> Starlette:
                 log.exception("internal error in %s (request %s)", name, ctx["request_id"])
                 state.metrics.error("internal")
                 resp = json_response({"error": "internal error", "request_id": ctx["request_id"]}, 500)
-            resp.headers["x-request-id"] = ctx["request_id"]
+            resp.raw_headers.append((b"x-request-id", ctx["request_id"].encode("latin-1")))
             state.metrics.request(name, ctx["model"], resp.status_code, time.perf_counter() - t0)
             return resp
 
@@ -283,10 +284,51 @@ class ScoringFastPath:
             elif path == "/invocations":
                 fn, scope["path_params"] = self.invocations, {}
             if fn is not None:
-                response = await fn(Request(scope, receive, send))
-                await response(scope, receive, send)
+                response = await fn(ScoringRequest(scope, receive))
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": response.raw_headers})  # fmt: skip
+                await send({"type": "http.response.body", "body": response.body})
                 return
         await self.app(scope, receive, send)
+
+
+class ScoringRequest:
+    """What the scoring handlers read of a request (headers, path parameters, query, client, the body's
+    messages), made from the ASGI scope without Starlette's ``Request``: the same answers for less work
+    on the one-patient path. Starlette's ``Headers`` and ``QueryParams`` still parse what is read."""
+
+    __slots__ = ("scope", "receive", "path_params", "headers")
+
+    def __init__(self, scope: dict, receive: Callable) -> None:
+        self.scope, self.receive, self.path_params = scope, receive, scope["path_params"]
+        self.headers = Headers(scope=scope)
+
+    @property
+    def client(self) -> Address | None:
+        c = self.scope.get("client")
+        return Address(*c) if c else None
+
+    @property
+    def query_params(self) -> QueryParams:
+        return QueryParams(self.scope["query_string"])
+
+
+def new_request_id() -> str:
+    """32 hex digits, unique per process: a random prefix drawn once (again in a forked child) and a
+    counter. Why not ``uuid4()``: it reads the OS's random source on every request (~4 µs), a tenth
+    of scoring one patient; the prefix gives the same protection against ids repeating across
+    workers and restarts."""
+    return f"{_rid_prefix}{next(_rid_counter):016x}"
+
+
+def _reset_request_ids() -> None:
+    global _rid_prefix, _rid_counter
+    _rid_prefix, _rid_counter = os.urandom(8).hex(), itertools.count()
+
+
+_rid_prefix, _rid_counter = "", itertools.count()
+_reset_request_ids()
+os.register_at_fork(after_in_child=_reset_request_ids)
 
 
 def app_from_env() -> Starlette:
@@ -342,8 +384,12 @@ async def _read_body(request: Request, state: State) -> bytes:
                     )
                 ],
             )
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, receive = [], 0, request.receive
+    while True:  # the ASGI messages themselves: Starlette's ``stream()`` is an async generator per request
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise Problems(
@@ -352,7 +398,8 @@ async def _read_body(request: Request, state: State) -> bytes:
                 [problem("body", "too_large", "body is over the limit", expected=f"at most {limit} bytes")],
             )
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _decode(raw: bytes) -> Any:

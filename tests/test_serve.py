@@ -629,3 +629,23 @@ def test_audit_input_hash_is_sha256_or_hmac_of_the_row_bytes(key, monkeypatch, t
     assert [r["input_sha256"] for r in lines] == expected
     assert [r["index"] for r in lines] == [0, 1, 2, 3, 4] and lines[1]["outputs"] == {"risk": None}
     assert {(r["request_id"], r["model"], r["version"], r["n"]) for r in lines} == {("req-1", "m", "3", 5)}
+
+
+def test_request_ids_are_unique_across_requests_and_forked_workers(server):
+    """Ids the server mints (no ``x-request-id`` sent) are 32 hex digits, never repeated; a forked process
+    draws a new random prefix, so two workers forked from one parent cannot hand out the same id."""
+    from serve.app import new_request_id
+
+    ids = [predict(server, [BASE])[1]["x-request-id"] for _ in range(5)]
+    assert len(set(ids)) == 5 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    here = [new_request_id() for _ in range(3)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report an id and leave without running pytest's exit handlers
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(set(here)) == 3 and child not in here and child[:16] != here[0][:16]
