@@ -98,7 +98,7 @@ class Model:
         pieces = range(0, n, self.piece_rows)
         spans = np.array_split(np.asarray(pieces), min(BATCH_THREADS, len(pieces)))
         parts = (
-            _POOL.map(self._run_pieces, [x32] * len(spans), spans)
+            BATCH_POOL.map(self._run_pieces, [x32] * len(spans), spans)
             if len(spans) > 1
             else [self._run_pieces(x32, spans[0])]
         )
@@ -182,6 +182,7 @@ def _metrics_summary(metrics: dict) -> dict:
 # one-target-per-tree form the graph uses for bigger batches (docs/architecture.md §3). Why threads of
 # our own rather than onnxruntime's: its threads would split a small batch over trees, which reorders
 # the sums; split over rows, every row's risk is the same as one call's (tests/test_serve.py checks).
+# Small explain calls also use the pool: the score runs beside the explainer (serve.app._run).
 # A bundle without ``small_batch_rows`` (made before it) is scored in one call, on one thread.
 
 
@@ -195,7 +196,7 @@ def _batch_threads(raw: str) -> int:
 
 
 BATCH_THREADS = _batch_threads(os.environ.get("MASML_SERVE_BATCH_THREADS", "2"))
-_POOL = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="masml-batch")  # threads start on first use
+BATCH_POOL = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="masml-batch")  # threads start on first use
 
 
 def session_for(model_bytes: bytes) -> ort.InferenceSession:
