@@ -6,9 +6,11 @@ answer. Builds a bundle with 300 trees of depth 6 (the issue's size; or takes ``
 ``python -m serve`` (one worker, audit log to a file, as deployed) and times with one keep-alive client
 (bench/bench_serve.py's): REST ``/v1/models/{task}/explain`` with 1 and 10 patients per call,
 ``/predict`` with 1 patient for comparison, and OIP ``/v2/models/{m}/explain`` with 1 row. Prints
-p50/p99 per call and per patient; asserts nothing.
+p50/p99 per call and per patient; asserts nothing. With wrk installed, each case is timed again by wrk
+(one connection, ``--seconds``): a Python client costs about as much per call as the server on a
+2-core machine, so its figures are the pair's, wrk's are close to the server's alone.
 
-    .venv/bin/python bench/bench_serve_explain.py [--bundle DIR] [--n 4000] [--latency-n 1000]
+    .venv/bin/python bench/bench_serve_explain.py [--bundle DIR] [--n 4000] [--latency-n 1000] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import _latency, free_port, pct, wait_http  # noqa: E402
+from bench_serve import _latency, _wrk, free_port, pct, wait_http  # noqa: E402
 
 from masml.cohort import simulate  # noqa: E402
 from masml.encoding import encode_inputs  # noqa: E402
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--bundle", help="a bundle with explainer.onnx (default: build a 300x6 one)")
     ap.add_argument("--n", type=int, default=4000, help="patients to train the built bundle on")
     ap.add_argument("--latency-n", type=int, default=1000, help="timed calls per case")
+    ap.add_argument("--seconds", type=float, default=5.0, help="wrk run per case")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-explain-"))
     bundle = Path(args.bundle) if args.bundle else build_bundle(tmp / "models" / "onset", args.n)
@@ -119,7 +123,9 @@ def main() -> None:
             ("REST /predict explain:true, 1 patient", f"/v1/models/{task}/predict", patients[:1], 1),
             ("OIP /v2/.../explain, 1 row (JSON)", f"/v2/models/{task}/explain", None, 1),
         ]
-        print(f"\n{'case':<44} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms/patient':>15}")
+        wrk = shutil.which("wrk") is not None
+        head = f"{'case':<44} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms/patient':>15}"
+        print("\n" + head + (f" {'wrk p50':>8} {'wrk p99':>8} {'wrk ms/patient':>15}" if wrk else ""))
         for label, path, pts, n in cases:
             if pts is None:
                 body = json.dumps(oip).encode()
@@ -127,7 +133,13 @@ def main() -> None:
                 extra = {"explain": True} if "explain:true" in label else {}
                 body = json.dumps({"patients": pts, **extra}).encode()
             lat = asyncio.run(_latency(port, path, body, args.latency_n))
-            print(f"{label:<44} {pct(lat, 50):8.3f} {pct(lat, 99):8.3f} {pct(lat, 50) / n:15.3f}")
+            line = f"{label:<44} {pct(lat, 50):8.3f} {pct(lat, 99):8.3f} {pct(lat, 50) / n:15.3f}"
+            if wrk:
+                p50, p99, _, bad = _wrk(port, path, body, 1, args.seconds, tmp)
+                line += f" {p50:8.3f} {p99:8.3f} {p50 / n:15.3f}" + (f"  ({bad} non-200)" if bad else "")
+            print(line)
+        if not wrk:
+            print("\n(wrk not found: `apt-get install wrk` adds the same cases timed by a C client)")
     finally:
         proc.terminate()
         proc.wait(10)
