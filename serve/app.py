@@ -972,6 +972,44 @@ def _flat_numbers(data: Any, where: str) -> list:
     return flat
 
 
+class _FlatTensor(msgspec.Struct):
+    """An OIP input tensor whose ``data`` is a flat list of numbers and nulls (what clients send)."""
+
+    name: Any = None
+    datatype: Any = None
+    shape: Any = None
+    data: list[float | None] | None = None
+    parameters: Any = None
+
+
+class _FlatInfer(msgspec.Struct):
+    id: Any = None
+    parameters: Any = None
+    inputs: list[_FlatTensor] | None = None
+    outputs: Any = None
+
+
+_flat_infer = msgspec.json.Decoder(_FlatInfer)
+
+
+def _decode_infer(raw: bytes) -> tuple[Any, bool]:
+    """An OIP body as plain objects, and whether every tensor's ``data`` is already a checked flat list
+    of floats and None.
+
+    Why decode twice at worst: msgspec checks ``list[float | None]`` in C while it parses, for no more
+    time than an untyped decode, where checking 35,000 values in Python (``_flat_numbers``) costs
+    ~1 ms of a 1,000-patient call. Anything else (nested data, a string, a boolean, a number too large,
+    a field of another type) fails the typed decode and is decoded again untyped, so it gets the same
+    checks and the same errors as before. A field left out and a field sent as null read the same
+    (``None``) either way."""
+    try:
+        b = _flat_infer.decode(raw)
+    except msgspec.DecodeError:  # not the flat shape, or not JSON at all: the general path says why
+        return _decode(raw), False
+    tensors = None if b.inputs is None else [msgspec.structs.asdict(t) for t in b.inputs]
+    return {"id": b.id, "parameters": b.parameters, "inputs": tensors, "outputs": b.outputs}, True
+
+
 @dataclass
 class OipRequest:
     x32: np.ndarray
@@ -995,7 +1033,7 @@ async def _oip_request(
         except ValueError:
             raise Problems(400, "invalid Inference-Header-Content-Length") from None
         raw, binary = raw[:n], raw[n:]
-    body = _decode(raw)
+    body, flat_checked = _decode_infer(raw)
     if not isinstance(body, dict):
         raise Problems(400, "the request must be a JSON object")
     req_id = body.get("id")
@@ -1042,7 +1080,7 @@ async def _oip_request(
     else:
         if binary:
             raise Problems(400, "binary data was sent but no input declares binary_data_size")
-        flat = _flat_numbers(t.get("data"), where)
+        flat = t.get("data") if flat_checked else _flat_numbers(t.get("data"), where)
         if len(flat) != shape[0] * k:
             raise Problems(400, f"data holds {len(flat)} values, shape {shape} needs {shape[0] * k}")
         if None in flat:  # numpy's conversion takes a slow path for None: NaN first is ~1 ms less

@@ -299,9 +299,11 @@ def test_metrics_count_the_same_one_patient_at_a_time_as_in_a_batch():
     for i in range(40):
         one.scored("m", names, x[i : i + 1], {"risk": risk[i : i + 1]})
     batch.scored("m", names, x, {"risk": risk})
-    assert dict(one.missing) == dict(batch.missing) == {
-        ("m", n): int(np.isnan(x[:, j]).sum()) for j, n in enumerate(names) if np.isnan(x[:, j]).any()
-    }
+    assert (
+        dict(one.missing)
+        == dict(batch.missing)
+        == {("m", n): int(np.isnan(x[:, j]).sum()) for j, n in enumerate(names) if np.isnan(x[:, j]).any()}
+    )
     h1, h2 = one.predictions[("m", "risk")], batch.predictions[("m", "risk")]
     assert h1.counts == h2.counts and h1.count == h2.count == 38 and h1.sum == pytest.approx(h2.sum)
     renamed = ["v", "w", "x", "y", "z"]  # a reloaded model with other inputs: counted under its names
@@ -388,6 +390,45 @@ def test_open_inference_protocol_with_tritonclient(server, bundle, frame):
     }
     st, _, resp = call("POST", server.url("/v2/models/onset/infer"), nulls)
     assert st == 200 and resp["id"] == "n" and np.float32(resp["outputs"][0]["data"][0]) == expected[0]
+
+
+def test_oip_json_data_flat_nested_or_wrong_gets_the_same_answers(server, bundle, frame):
+    """OIP JSON ``data`` as a flat list of numbers and nulls is checked while it is decoded (typed
+    msgspec); anything else is decoded again untyped and checked as before. Flat, nested and integer
+    data answer the same risks; a boolean, a string, a number too large for float64 and malformed JSON
+    are each a 400 naming the problem, never a 500."""
+    manifest = json.loads((bundle[1] / "onset" / "manifest.json").read_text())
+    x = encode_inputs(frame.head(3), [i["name"] for i in manifest["inputs"]])
+    k = x.shape[1]
+    lows = np.array([i["low"] or 0 for i in manifest["inputs"]], dtype=np.float32)
+    rows = np.where(np.isnan(x), lows, x)
+    gap = next(j for j, i in enumerate(manifest["inputs"]) if not i.get("required"))
+    rows[0, gap] = np.nan  # a missing value, sent as null
+
+    def infer(data, shape=(3, k)):
+        body = {
+            "id": "d",
+            "inputs": [{"name": "inputs", "datatype": "FP32", "shape": list(shape), "data": data}],
+        }
+        return call("POST", server.url("/v2/models/onset/infer"), body)
+
+    flat = [None if v != v else float(v) for v in rows.reshape(-1)]
+    answers = [
+        infer(flat),
+        infer([int(v) if v is not None and v.is_integer() else v for v in flat]),  # whole: 3, not 3.0
+        infer([flat[i * k : (i + 1) * k] for i in range(3)]),
+    ]
+    assert {st for st, _, _ in answers} == {200}, answers
+    assert answers[0][2]["outputs"] == answers[1][2]["outputs"] == answers[2][2]["outputs"]
+    for bad in (True, "1.5"):
+        st, _, resp = infer([bad] + flat[1:])
+        assert st == 400 and "data must be a (nested) list of numbers" in resp["error"], resp
+    raw = b'{"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, %d], "data": [%s]}]}'
+    huge = raw % (k, b", ".join([b"9" * 400] + [b"1"] * (k - 1)))
+    st, _, resp = call("POST", server.url("/v2/models/onset/infer"), raw=huge)
+    assert st == 400 and "error" in resp, resp
+    st, _, resp = call("POST", server.url("/v2/models/onset/infer"), raw=b'{"inputs": [{"data": [1.0, ')
+    assert st == 400 and "malformed JSON" in resp["error"], resp
 
 
 def test_auth_keys_hashed_health_open(keyed):
@@ -576,7 +617,6 @@ def test_a_bad_batch_threads_setting_stops_the_service_naming_it(bundle, bad):
     assert f"MASML_SERVE_BATCH_THREADS is {bad!r}; expected a whole number >= 1" in r.stderr
 
 
-
 @pytest.mark.parametrize("n", [1, 6])  # the one-to-four-patient path and the column path
 def test_an_input_without_a_range_still_refuses_infinity_on_every_path(n):
     """JSON's 1e999 decodes to inf: an input whose manifest gives no range must still refuse it (REST,
@@ -622,8 +662,9 @@ def test_audit_input_hash_is_sha256_or_hmac_of_the_row_bytes(key, monkeypatch, t
     audit.write("req-1", "predict", model, x, {"risk": [0.1, None, 0.3, 0.4, 0.5]}, "user-key")
     lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     expected = [
-        (hmac.new(key.encode(), row.tobytes(), hashlib.sha256) if key else hashlib.sha256(row.tobytes()))
-        .hexdigest()[:32]
+        (
+            hmac.new(key.encode(), row.tobytes(), hashlib.sha256) if key else hashlib.sha256(row.tobytes())
+        ).hexdigest()[:32]
         for row in x
     ]
     assert [r["input_sha256"] for r in lines] == expected
