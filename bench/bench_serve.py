@@ -118,6 +118,15 @@ async def _throughput(port: int, path: str, body: bytes, clients: int, seconds: 
 
 
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+# The floor under any Python ASGI service here: uvicorn (httptools, uvloop) answering with two sends.
+BARE_ASGI = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"ok": true}'})
+"""
 
 
 def _wrk(
@@ -315,6 +324,20 @@ def main() -> None:
             # the HTTP stack's own floor: a GET that does no work (uvicorn, Starlette's router)
             p50, p99, rps1, bad = _wrk(ours, "/healthz", None, 1, args.seconds, tmp)
             wrk_rows.append(("masml serve GET /healthz (no work)", p50, p99, rps1, "-", "-", "-", bad))
+            # and below it, uvicorn alone: an ASGI app of two send calls, no framework
+            (tmp / "bare_asgi.py").write_text(BARE_ASGI)
+            bare = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "bare_asgi:app", "--app-dir", str(tmp), "--port",
+                     str(bare), "--log-level", "warning", "--no-access-log"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+            wait_http(bare, "/", procs[-1])
+            p50, p99, rps1, bad = _wrk(bare, "/", None, 1, args.seconds, tmp)
+            label = "bare ASGI app on uvicorn (no framework, no work)"
+            wrk_rows.append((label, p50, p99, rps1, "-", "-", "-", bad))
         for label, port, path, one, batch in targets:
             lat = asyncio.run(_latency(port, path, one, args.latency_n))
             row = [label, pct(lat, 50), pct(lat, 99)]

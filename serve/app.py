@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import ipaddress
 import itertools
 import logging
@@ -123,7 +124,23 @@ class State:
 
     def reload(self) -> Snapshot:
         self.snapshot = load_folder(self.config.models, self.snapshot)  # one reference swap: atomic
+        settle_heap()
         return self.snapshot
+
+
+def settle_heap() -> None:
+    """Hide every object alive now (modules, the loaded bundles) from Python's cyclic collector.
+
+    Why: a 1,000-patient REST call builds about 40,000 containers (a dict per patient, its values), so
+    the collector runs often, and about once in 30 such calls it made a full pass over the ~38,000
+    long-lived objects of the loaded service: a 13-19 ms stall inside a ~20 ms call (in process, 60
+    calls, a gc callback timing each pass). Frozen (``gc.freeze``), those objects are not scanned:
+    no full pass in the same 60 calls, and the younger passes took 1.1-1.5 ms in all instead of
+    3.0-3.8 ms. Why unfreeze and collect first: on a reload the previous snapshot was frozen, and if
+    any of it is held only by reference cycles, only a collection that sees it can free it."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -690,3 +690,29 @@ def test_request_ids_are_unique_across_requests_and_forked_workers(server):
     child = os.read(read, 64).decode()
     os.close(read)
     assert len(set(here)) == 3 and child not in here and child[:16] != here[0][:16]
+
+
+def test_settle_heap_hides_what_is_loaded_and_frees_cycles_it_hid_before():
+    """The service freezes its long-lived objects after each (re)load so that full collections do not
+    rescan them; a cycle frozen by one load and dropped later is freed by the next load's settle."""
+    import gc
+    import weakref
+
+    from serve.app import settle_heap
+
+    class Node:
+        pass
+
+    a = Node()
+    a.me = a  # a reference cycle: only the cyclic collector can free it
+    ref = weakref.ref(a)
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        del a
+        gc.collect()
+        assert ref() is not None  # frozen: invisible to the collector
+        settle_heap()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
