@@ -346,7 +346,6 @@ def _reset_request_ids() -> None:
     _rid_prefix, _rid_counter = os.urandom(8).hex(), itertools.count()
 
 
-_rid_prefix, _rid_counter = "", itertools.count()
 _reset_request_ids()
 os.register_at_fork(after_in_child=_reset_request_ids)
 
@@ -1027,7 +1026,8 @@ def _decode_infer(raw: bytes) -> tuple[Any, bool]:
     except msgspec.DecodeError:  # not the flat shape, or not JSON at all: the general path says why
         return _decode(raw), False
     tensors = None if b.inputs is None else [msgspec.structs.asdict(t) for t in b.inputs]
-    return {"id": b.id, "parameters": b.parameters, "inputs": tensors, "outputs": b.outputs}, True
+    checked = b.inputs is not None and all(t.data is not None for t in b.inputs)  # absent/null: not checked
+    return {"id": b.id, "parameters": b.parameters, "inputs": tensors, "outputs": b.outputs}, checked
 
 
 @dataclass

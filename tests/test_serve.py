@@ -429,6 +429,10 @@ def test_oip_json_data_flat_nested_or_wrong_gets_the_same_answers(server, bundle
     assert st == 400 and "error" in resp, resp
     st, _, resp = call("POST", server.url("/v2/models/onset/infer"), raw=b'{"inputs": [{"data": [1.0, ')
     assert st == 400 and "malformed JSON" in resp["error"], resp
+    for absent in ({}, {"data": None}):  # no data and no binary part: the client's mistake, not a 500
+        tensor = {"name": "inputs", "datatype": "FP32", "shape": [1, k]} | absent
+        st, _, resp = call("POST", server.url("/v2/models/onset/infer"), {"inputs": [tensor]})
+        assert st == 400 and "data must be a (nested) list of numbers" in resp["error"], resp
 
 
 def test_auth_keys_hashed_health_open(keyed):
