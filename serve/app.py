@@ -166,7 +166,9 @@ def create_app(config: Config | None = None) -> Starlette:
         log.error("no model loaded from %s; /readyz will report not ready", config.models)
 
     def endpoint(name: str, fn: Handler, role: str | None = "user", oip: bool = False):
-        """Auth, request id, timing, metrics and the never-500 rule, around one handler."""
+        """Auth, request id, timing, metrics and the never-500 rule, around one handler. What is only
+        recorded (request metrics, a scoring call's audit line) goes in ``resp.background``, which
+        Starlette and ``ScoringFastPath`` both run after the answer has been sent."""
 
         async def run(request: Request) -> Response:
             t0 = time.perf_counter()
@@ -191,7 +193,18 @@ def create_app(config: Config | None = None) -> Starlette:
                 state.metrics.error("internal")
                 resp = json_response({"error": "internal error", "request_id": ctx["request_id"]}, 500)
             resp.raw_headers.append((b"x-request-id", ctx["request_id"].encode("latin-1")))
-            state.metrics.request(name, ctx["model"], resp.status_code, time.perf_counter() - t0)
+            seconds, record = time.perf_counter() - t0, ctx.get("record")
+
+            async def after() -> None:
+                if record is not None:
+                    try:
+                        record()
+                    except Exception:
+                        log.exception("could not record request %s (audit line, metrics)", ctx["request_id"])
+                        state.metrics.error("audit")
+                state.metrics.request(name, ctx["model"], resp.status_code, seconds)
+
+            resp.background = after  # type: ignore[assignment]
             return resp
 
         return run
@@ -305,6 +318,7 @@ class ScoringFastPath:
                 await send({"type": "http.response.start", "status": response.status_code,
                             "headers": response.raw_headers})  # fmt: skip
                 await send({"type": "http.response.body", "body": response.body})
+                await response.background()
                 return
         await self.app(scope, receive, send)
 
@@ -606,7 +620,8 @@ async def _score(
     guard: bool = True,
     explain: bool = False,
 ) -> tuple[dict[str, np.ndarray], list[list[dict]] | None, dict[str, np.ndarray] | None]:
-    """Model outputs, guardrail flags and (when asked) the explainer's outputs; one audit line."""
+    """Model outputs, guardrail flags and (when asked) the explainer's outputs; the audit line and
+    metrics are left in ``ctx["record"]`` for the endpoint wrapper to run after the answer (``_record``)."""
     x32 = x64.astype(np.float32)
     if x32.shape[0] > (EXPLAIN_THREAD_ROWS if explain else THREAD_ROWS):
         outputs, explained = await anyio.to_thread.run_sync(_run, model, x32, explain)
@@ -614,6 +629,31 @@ async def _score(
         outputs, explained = _run(model, x32, explain)
     flags = model.guardrails.evaluate(x64, outputs) if (guard and model.guardrails) else None
     exposed = {k: outputs[k] for k in model.outputs}
+    record = functools.partial(_record, state, model, x32, x64, exposed, flags, explained, ctx, endpoint)
+    ctx["record"] = record
+    return exposed, flags, explained
+
+
+def _record(
+    state: State,
+    model: Model,
+    x32: np.ndarray,
+    x64: np.ndarray,
+    exposed: dict[str, np.ndarray],
+    flags: list[list[dict]] | None,
+    explained: dict[str, np.ndarray] | None,
+    ctx: dict,
+    endpoint: str,
+) -> None:
+    """The audit line(s) and the prediction metrics of one scoring call, run after its answer is sent.
+
+    Why after: for one patient they cost 25-40 µs of a ~180 µs call in process; done once the answer is
+    in the socket, they overlap the client's turn instead of adding to its wait (wrk, one patient, four
+    interleaved rounds on a slow spell: p50 462-489 against 506-606 µs). They still run before the
+    server reads its next request, so ``/metrics`` never lags. The price, stated in the README: if the
+    audit line cannot be written (full disk), the client already has its answer; the failure is logged
+    at ERROR with the request id and counted as ``masml_errors_total{kind="audit"}`` instead of turning
+    a computed prediction into a 500."""
     state.metrics.scored(model.task, model.encoder.names, x64, exposed)
     if flags is not None:
         for row in flags:
@@ -632,7 +672,6 @@ async def _score(
         ctx.get("principal"),
         audit_extra,
     )
-    return exposed, flags, explained
 
 
 def _shown(spec: Any, v: float) -> Any:

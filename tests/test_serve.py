@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from test_serve_support import MASML, Server, call, copy_bundle, patients_from_frame, tiny_bundle
+from test_serve_support import MASML, Server, audit_lines, call, copy_bundle, patients_from_frame, tiny_bundle
 
 from masml.encoding import encode_inputs
 from masml.io import load_dataset
@@ -256,8 +256,7 @@ def test_audit_log_has_hashes_and_outputs_but_no_inputs(server):
     other = BASE | {"ferritin": 1234.5}
     st, hdrs, body = predict(server, [secret, other, secret])
     assert st == 200
-    lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
-    recs = [r for r in lines if r["request_id"] == hdrs["x-request-id"]]
+    recs = audit_lines(server.audit, hdrs["x-request-id"], 3)
     # one line per prediction, in batch order
     assert [r["index"] for r in recs] == [0, 1, 2] and {r["n"] for r in recs} == {3}
     for rec, pred in zip(recs, body["predictions"], strict=True):
@@ -269,6 +268,25 @@ def test_audit_log_has_hashes_and_outputs_but_no_inputs(server):
     text = server.audit.read_text() + server.stderr()
     for raw in ("MRN-0042-SECRET", "98765.4", "123.456", "47.25", "aosd"):
         assert raw not in text
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail)")
+def test_an_audit_line_that_cannot_be_written_is_logged_and_counted(bundle):
+    """The audit line is written just after the answer is sent, so a full disk cannot turn a computed
+    prediction into a 500; the failure must not pass quietly: an ERROR log line naming the request, and
+    ``masml_errors_total{kind="audit"}`` for alerting. The next request is served as usual."""
+    s = Server(bundle[1], "--audit-log", "/dev/full")
+    try:
+        st, hdrs, body = predict(s, [BASE])
+        assert st == 200 and 0 <= body["predictions"][0]["risk"] <= 1
+        st, _, text = call("GET", s.url("/metrics"))
+        assert 'masml_errors_total{kind="audit"} 1' in text
+        assert 'masml_requests_total{endpoint="predict",model="onset",status="200"} 1' in text
+        assert f"could not record request {hdrs['x-request-id']}" in s.stderr()
+        assert "No space left on device" in s.stderr()
+        assert predict(s, [BASE])[0] == 200
+    finally:
+        s.stop()
 
 
 def test_metrics_count_requests_missingness_and_predictions(server):

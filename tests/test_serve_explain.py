@@ -12,7 +12,15 @@ import shutil
 
 import numpy as np
 import pytest
-from test_serve_support import Server, call, copy_bundle, patients_from_frame, post_raw, tiny_bundle
+from test_serve_support import (
+    Server,
+    audit_lines,
+    call,
+    copy_bundle,
+    patients_from_frame,
+    post_raw,
+    tiny_bundle,
+)
 
 from masml.encoding import encode_inputs
 from masml.io import load_dataset
@@ -240,8 +248,7 @@ def test_metrics_audit_and_openapi(server):
     secret = BASE | {"patient_id": "MRN-77-SECRET", "ferritin": 54321.123, "crp": 87.654}
     st, hdrs, body = explain(server, [secret])
     assert st == 200
-    recs = [json.loads(line) for line in server.audit.read_text().splitlines()]
-    (rec,) = [r for r in recs if r["request_id"] == hdrs["x-request-id"]]
+    (rec,) = audit_lines(server.audit, hdrs["x-request-id"], 1)
     assert rec["endpoint"] == "explain" and rec["explainer_sha256"] == body["explainer"]["sha256"]
     assert rec["outputs"] == {"risk": body["predictions"][0]["risk"]} and rec["index"] == 0 and rec["n"] == 1
     text = server.audit.read_text() + server.stderr()

@@ -198,6 +198,18 @@ def call(
     return resp.status, hdrs, payload.decode(errors="replace")
 
 
+def audit_lines(path: Path, request_id: str, n: int, timeout: float = 10) -> list[dict]:
+    """The ``n`` audit lines of one request, waiting for them: the service writes them just after the
+    answer has been sent, so a client may read the file a moment before they land."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        recs = [r for r in map(json.loads, text.splitlines()) if r["request_id"] == request_id]
+        if len(recs) >= n or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.01)
+
+
 def post_raw(url: str, body: bytes, header_len: int | None):
     """POST a binary OIP body (JSON header + raw tensor bytes); (status, headers, body bytes)."""
     host, _, rest = url.removeprefix("http://").partition("/")
