@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from masml.calibration import Calibrator
-from masml.features import Feature, ScoreItem, feature_names, score_conditions, transform
+from masml.features import Condition, Feature, ScoreItem, feature_names, score_conditions, transform
 from masml.predict import ROWS_PER_RUN, run_rows
 
 OPSET = 18  # default domain; onnxruntime 1.31 runs it
@@ -284,9 +284,9 @@ def _features(g: _Graph, spec: Sequence[Feature], n_inputs: int) -> str:
         quotient = g.op("Div", [num, den], "ratio_quotient")
         groups.append(g.op("Where", [positive, quotient, nan], "ratio_features"))
         order += ratios
-    for j in scored:
-        groups.append(_score(g, spec[j]))
-        order.append(j)
+    if scored:
+        groups.append(_scores(g, [spec[j] for j in scored]))
+        order += scored
     if not groups:
         raise ValueError("the feature spec is empty")
     joined = groups[0] if len(groups) == 1 else g.op("Concat", groups, "grouped_features", axis=1)
@@ -299,32 +299,78 @@ def _features(g: _Graph, spec: Sequence[Feature], n_inputs: int) -> str:
 _COMPARE = {">=": "GreaterOrEqual", ">": "Greater", "<=": "LessOrEqual", "<": "Less", "==": "Equal"}
 
 
-def _score(g: _Graph, f: Feature) -> str:
-    """The ONNX twin of ``features.score_points``: per item, count the conditions met (a NaN meets
-    none) and look the count up in the item's points; sum the items. Integer points sum exactly."""
-    total = None
-    for i, item in enumerate(f.items):
-        count = _score_count(g, item, f"{f.name}_{i}")
-        points = g.const(f"{f.name}_{i}_points", item.points, np.float32)
-        item_points = g.op("Gather", [points, count], f"{f.name}_{i}_item", axis=0)
-        total = item_points if total is None else g.op("Add", [total, item_points], f"{f.name}_{i}_total")
-    return total
+def _scores(g: _Graph, feats: Sequence[Feature]) -> str:
+    """float32 [N, S]: the ONNX twin of ``features.score_points`` for every score feature at once.
 
+    Each comparison is met or not (a NaN meets none); an item's count is a MatMul of the met flags
+    (and of its nested items' points) with a 0/1 membership matrix; its points are one Gather from all
+    items' point tables laid end to end; a score's total is a MatMul of the items' points with another
+    0/1 matrix. Every value is a small integer, exact in float32 whatever the order of the sums, so the
+    totals equal numpy's item by item.
 
-def _score_count(g: _Graph, item: ScoreItem, prefix: str) -> str:
-    """int64 [N, 1]: the item's conditions met, a nested item adding its points (``features._count``)."""
-    count = None
-    for k, c in enumerate(item.conditions):
-        p = f"{prefix}_{k}"
-        if isinstance(c, ScoreItem):
-            inner = _score_count(g, c, p)
-            met = g.op("Gather", [g.const(f"{p}_points", c.points, np.int64), inner], f"{p}_count", axis=0)
-        else:
-            col = g.op("Gather", [INPUT, g.const(f"{p}_index", [c.input], np.int64)], f"{p}_value", axis=1)
-            met = g.op(_COMPARE[c.op], [col, g.const(f"{p}_threshold", c.threshold, np.float32)], f"{p}_met")
-            met = g.op("Cast", [met], f"{p}_count", to=TensorProto.INT64)
-        count = met if count is None else g.op("Add", [count, met], f"{p}_sum")
-    return count
+    Why not one Gather, compare, Cast and Add per condition, as before: HScore alone took 68 graph nodes
+    that way, and onnxruntime pays ~1-2 µs per node and call, more than the arithmetic (one patient
+    explained with the 300-tree bench bundle spent ~0.1 ms in them). This form takes about 20 nodes for
+    any number of scores and items; nested items add five per nesting level."""
+    conditions: list[Condition] = []
+    items: list[tuple[int, ScoreItem]] = []  # (height, item): height 0 holds only comparisons
+    parts: list[list[tuple[str, int]]] = []  # per item: ("c", condition index) or ("i", item index)
+    tops: list[tuple[int, int]] = []  # (item index, score) of every top-level item
+
+    def visit(item: ScoreItem) -> int:
+        terms: list[tuple[str, int]] = []
+        for t in item.conditions:
+            if isinstance(t, ScoreItem):
+                terms.append(("i", visit(t)))
+            else:
+                terms.append(("c", len(conditions)))
+                conditions.append(t)
+        height = 1 + max((items[i][0] for kind, i in terms if kind == "i"), default=-1)
+        items.append((height, item))
+        parts.append(terms)
+        return len(items) - 1
+
+    for s_idx, f in enumerate(feats):
+        for item in f.items:
+            tops.append((visit(item), s_idx))
+
+    # the comparisons, grouped by operator: one Gather and one compare per operator used
+    met_groups, column_of = [], np.empty(len(conditions), dtype=np.int64)
+    for op in sorted({c.op for c in conditions}):
+        which = [k for k, c in enumerate(conditions) if c.op == op]
+        column_of[which] = np.arange(len(which)) + sum(len(m) for _, m in met_groups)
+        p = f"score_{_COMPARE[op].lower()}"
+        col = g.op("Gather", [INPUT, g.const(f"{p}_index", [conditions[k].input for k in which], np.int64)],
+                   f"{p}_values", axis=1)  # fmt: skip
+        thr = g.const(f"{p}_threshold", [[conditions[k].threshold for k in which]], np.float32)
+        met_groups.append((g.op(_COMPARE[op], [col, thr], f"{p}_met"), which))
+    flags = [m for m, _ in met_groups]
+    met = flags[0] if len(flags) == 1 else g.op("Concat", flags, "score_met", axis=1)
+    values = g.op("Cast", [met], "score_met_counts", to=TensorProto.FLOAT)
+
+    # items, lowest first; ``column`` is each item's points column in ``values`` once computed
+    width, column = len(conditions), np.full(len(items), -1, dtype=np.int64)
+    for h in range(max(hh for hh, _ in items) + 1):
+        level = [i for i, (hh, _) in enumerate(items) if hh == h]
+        member = np.zeros((width, len(level)), dtype=np.float32)
+        for j, i in enumerate(level):
+            for kind, k in parts[i]:
+                member[column_of[k] if kind == "c" else column[k], j] = 1.0
+        tables = [items[i][1].points for i in level]
+        offsets = np.cumsum([0] + [len(t) for t in tables[:-1]])
+        p = f"score_level{h}"
+        count = g.op("MatMul", [values, g.const(f"{p}_member", member, np.float32)], f"{p}_count")
+        at = g.op("Add", [count, g.const(f"{p}_offset", [offsets], np.float32)], f"{p}_table_at")
+        at = g.op("Cast", [at], f"{p}_table_index", to=TensorProto.INT64)
+        flat = g.const(f"{p}_points", [p_ for t in tables for p_ in t], np.float32)
+        points = g.op("Gather", [flat, at], f"{p}_points_met", axis=0)
+        values = g.op("Concat", [values, points], f"{p}_values", axis=1)
+        column[level] = width + np.arange(len(level))
+        width += len(level)
+    total = np.zeros((width, len(feats)), dtype=np.float32)
+    for i, s_idx in tops:
+        total[column[i], s_idx] = 1.0
+    return g.op("MatMul", [values, g.const("score_total", total, np.float32)], "score_features")
 
 
 SMALL_BATCH = 50  # rows onnxruntime's TreeEnsemble adds up tree by tree, in order, on any thread count
