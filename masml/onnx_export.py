@@ -310,8 +310,9 @@ def _scores(g: _Graph, feats: Sequence[Feature]) -> str:
 
     Why not one Gather, compare, Cast and Add per condition, as before: HScore alone took 68 graph nodes
     that way, and onnxruntime pays ~1-2 µs per node and call, more than the arithmetic (one patient
-    explained with the 300-tree bench bundle spent ~0.1 ms in them). This form takes about 20 nodes for
-    any number of scores and items; nested items add five per nesting level."""
+    explained with the 300-tree bench bundle spent ~0.1 ms in them). This form takes two nodes per
+    comparison operator used, five per level of items (nested items add a level) and three more, whatever
+    the number of scores and items: 16 for HScore."""
     conditions: list[Condition] = []
     items: list[tuple[int, ScoreItem]] = []  # (height, item): height 0 holds only comparisons
     parts: list[list[tuple[str, int]]] = []  # per item: ("c", condition index) or ("i", item index)
