@@ -328,9 +328,15 @@ def card_content(
     """A risk model's card: everything it says, as JSON-ready data taken from the run.
 
     ``train`` and ``test``: the frames, or their ``data_description`` (what a cluster run has)."""
+    planned = config.tuning.n_trials
+    trials = f"{run.get('trials_run', planned)} trials"
+    if run.get("stopped_by_timeout"):
+        trials = (f"{run.get('trials_run')} of {planned} planned trials: the tuning.timeout_s cap "
+                  f"({config.tuning.timeout_s:g} s) stopped the search, so this model depends on the "
+                  "training machine's speed and a re-run may give another")  # fmt: skip
     algorithm = (
         f"XGBoost gradient-boosted trees ({run.get('n_trees', '?')} trees), hyper-parameters tuned "
-        f"with optuna (TPE, {config.tuning.n_trials} trials, {config.folds}-fold cross-validation grouped by "
+        f"with optuna (TPE, {trials}, {config.folds}-fold cross-validation grouped by "
         f"patient, early stopping), {config.calibration} calibration fitted on out-of-fold predictions. "
         "Missing values stay missing: the trees learn a default direction for them."
     )

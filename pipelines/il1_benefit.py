@@ -39,7 +39,7 @@ from masml.onnx_benefit import (
 )
 from masml.predict import onnx_session, run_rows
 from masml.schema import TRIGGER_FAMILY
-from masml.training import TrainingDataError, select_population, split_holdout
+from masml.training import TrainingDataError, select_population, split_holdout, timeout_warning
 from pipelines.risk import one_process_record
 
 TASK = "il1_benefit"
@@ -203,6 +203,10 @@ def _diagnose_and_export(
     """Held-out diagnostics, the graph and its explainer (each behind its gate), the bundle, the run's
     tracking and the card: the same whichever engine trained the model."""
     model, test, pred = trained.model, trained.test, trained.prediction
+    for name in ("untreated", "treated", "propensity"):
+        cut_short = timeout_warning(f"{TASK} {name} model", getattr(model.nuisances, name), config.tuning)
+        if cut_short:
+            log(cut_short)
 
     # ---- held-out diagnostics (nuisances never saw these patients)
     y_test, t_test = test[config.label].to_numpy(dtype=float), causal.treatment_values(test)
@@ -402,6 +406,8 @@ def _track(result, config, log_dataset, model_bytes, balance, log) -> None:
         for name in ("untreated", "treated", "propensity"):
             m = getattr(result.extra["model"].nuisances, name)
             mlflow.log_params({f"{name}.{k}": v for k, v in m.best_params.items()})
+            mlflow.log_param(f"{name}.tuning.trials_run", len(m.trials))
+            mlflow.set_tag(f"{name}.tuning.stopped_by_timeout", str(m.stopped_by_timeout).lower())
         log_dataset()
         metrics = {k: v for k, v in result.manifest["metrics"].items() if k != "guardrails_fired_test"}
         mlflow.log_metrics(tracking.flat_metrics("test", metrics))

@@ -30,6 +30,7 @@ from masml.training import (
     fit_logistic_baseline,
     select_population,
     split_holdout,
+    timeout_warning,
     tune_and_fit,
 )
 
@@ -202,6 +203,9 @@ def one_process_record(data_path: Path, frame: pd.DataFrame, train: pd.DataFrame
 def _evaluate_and_export(task, trained: RiskTraining, data_path, out_dir, units, config, log, track):
     """Evaluate beside the baselines and the ceiling, explain, export, track, write the card."""
     model, held = trained.model, trained.held_out
+    cut_short = timeout_warning(task, model, config.tuning)
+    if cut_short:
+        log(cut_short)
     y_test, risk = held["y"].to_numpy(dtype=float), held["risk"].to_numpy(dtype=float)
     x_check = trained.x_check
     boot = {"n_boot": config.n_boot, "seed": config.seed}
@@ -323,7 +327,8 @@ def _evaluate_and_export(task, trained: RiskTraining, data_path, out_dir, units,
         subgroups=subgroup_table, importance=importance,
         figures=figures, units_file=str(units) if units else None,
         run={"run_id": result.run_id, "version": result.registered_version, "n_trees": model.n_rounds,
-             "best_params": model.best_params, "tracking_uri": tracking.tracking_uri() if track else ""},
+             "best_params": model.best_params, "tracking_uri": tracking.tracking_uri() if track else "",
+             "trials_run": len(model.trials), "stopped_by_timeout": model.stopped_by_timeout},
     )  # fmt: skip
     card_paths, pdf_note = card.write_card(card_data, bundle_dir)
     log(f"{task}: model card {bundle_dir / 'card.html'} ({pdf_note})")
@@ -342,6 +347,8 @@ def _track(result, config, trained: RiskTraining, model_bytes, subgroup_table, l
         mlflow.log_params({f"config.{k}": v for k, v in _flat(config.to_dict()).items()})
         mlflow.log_params({f"best.{k}": v for k, v in model.best_params.items()})
         mlflow.log_param("n_rounds", model.n_rounds)
+        mlflow.log_param("tuning.trials_run", len(model.trials))
+        mlflow.set_tag("tuning.stopped_by_timeout", str(model.stopped_by_timeout).lower())
         trained.log_dataset()
         mlflow.log_metrics(tracking.flat_metrics("test", result.manifest["metrics"]))
         mlflow.log_metric("cv_logloss", model.cv_logloss)

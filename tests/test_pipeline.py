@@ -170,6 +170,32 @@ def test_icu_pipeline_skips_and_counts_rows_outside_its_population(workspace, tm
     assert "ceiling" in set(result.comparison["model"])
 
 
+def test_a_search_cut_short_by_the_timeout_is_said_in_the_log_the_run_and_the_card(workspace, tmp_path):
+    """A ``tuning.timeout_s`` that stops the search makes the model depend on the machine's speed: the run
+    must say so (a warning line, an MLflow tag and the trials run) and the card must not claim the
+    planned number of trials."""
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "cut.yaml"
+    config.write_text("tuning:\n  n_trials: 3\n  max_rounds: 60\n  timeout_s: 1.0e-9\nn_boot: 20\nfolds: 3\n")
+    lines: list[str] = []
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        result = run_risk_pipeline(
+            "icu", workspace["data"], tmp_path / "icu", config_path=config, log=lines.append
+        )
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert any(line.startswith("WARNING: icu: tuning.timeout_s") and "after 1 of 3 trials" in line
+               for line in lines), lines  # fmt: skip
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.data.params["tuning.trials_run"] == "1"
+    assert run.data.tags["tuning.stopped_by_timeout"] == "true"
+    algorithm = result.extra["card"]["model"]["algorithm"]
+    assert "1 of 3 planned trials" in algorithm and "3 trials," not in algorithm
+
+
 def test_train_refuses_a_config_naming_an_unknown_column(workspace, tmp_path):
     bad = _tiny_config(tmp_path, "inputs: [ferritin, feritin]\n")
     args = [

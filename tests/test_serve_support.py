@@ -204,7 +204,8 @@ def audit_lines(path: Path, request_id: str, n: int, timeout: float = 10) -> lis
     deadline = time.monotonic() + timeout
     while True:
         text = path.read_text() if path.exists() else ""
-        recs = [r for r in map(json.loads, text.splitlines()) if r["request_id"] == request_id]
+        whole = text.split("\n")[:-1]  # a line still being written has no newline yet
+        recs = [r for r in map(json.loads, whole) if r["request_id"] == request_id]
         if len(recs) >= n or time.monotonic() > deadline:
             return recs
         time.sleep(0.01)

@@ -228,6 +228,21 @@ def test_same_data_config_and_seed_give_the_same_model(cohort):
     assert c.booster.save_raw("json") != a.booster.save_raw("json")
 
 
+def test_a_search_cut_short_by_the_timeout_keeps_its_first_trial_and_says_so(cohort):
+    """``timeout_s`` is a safety cap checked between batches: the first batch always runs (a cap too small
+    for one trial used to leave no trial, and no model), and a cut-short search is flagged so that the
+    pipelines can say the model depends on the machine's speed."""
+    from masml.training import timeout_warning
+
+    cut, x, _, cfg = _fit(cohort, "icu", TINY | {"timeout_s": 1e-9})
+    assert [t["number"] for t in cut.trials] == [0] and cut.stopped_by_timeout
+    assert np.isfinite(cut.predict_risk(x)).all()
+    note = timeout_warning("icu", cut, cfg.tuning)
+    assert note is not None and "after 1 of 3 trials" in note and "tuning.timeout_s: null" in note
+    full, _, _, cfg = _fit(cohort, "icu", TINY)
+    assert timeout_warning("icu", full, cfg.tuning) is None
+
+
 def test_the_search_asks_trials_in_batches_and_depends_only_on_seed_and_batch_size():
     from masml.training import search
 
