@@ -32,7 +32,7 @@ import pandas as pd
 
 from masml import features
 from masml.calibration import Calibrator, fit_calibrator
-from masml.config import INT_PARAMS, LOG_SCALE, SEARCH_SPACE, Config
+from masml.config import INT_PARAMS, LOG_SCALE, SEARCH_SPACE, Config, TuningConfig
 
 # Fixed, not tuned: one thread count for every run (xgboost's hist results are reproducible for a given
 # thread count; changing it could change the model), and the histogram method.
@@ -458,7 +458,7 @@ def tune_and_fit(
     )
 
 
-def timeout_warning(what: str, model: TrainedRiskModel, tuning: Any) -> str | None:
+def timeout_warning(what: str, model: TrainedRiskModel, tuning: TuningConfig) -> str | None:
     """The line to show when ``tuning.timeout_s`` stopped the search before ``n_trials``, else None.
 
     Why say it aloud (and tag the run, and write it in the card): the cap makes the number of trials,

@@ -199,9 +199,9 @@ def create_app(config: Config | None = None) -> Starlette:
                 if record is not None:
                     try:
                         record()
-                    except Exception:
-                        log.exception("could not record request %s (audit line, metrics)", ctx["request_id"])
-                        state.metrics.error("audit")
+                    except Exception:  # a bug: the answer is out, so log and count it, as above
+                        log.exception("internal error recording request %s", ctx["request_id"])
+                        state.metrics.error("internal")
                 state.metrics.request(name, ctx["model"], resp.status_code, seconds)
 
             resp.background = after  # type: ignore[assignment]
@@ -653,25 +653,28 @@ def _record(
     server reads its next request, so ``/metrics`` never lags. The price, stated in the README: if the
     audit line cannot be written (full disk), the client already has its answer; the failure is logged
     at ERROR with the request id and counted as ``masml_errors_total{kind="audit"}`` instead of turning
-    a computed prediction into a 500."""
+    a computed prediction into a 500. The audit line goes first, so that nothing after it can cost it."""
+    audit_extra = None if explained is None else {"explainer_sha256": model.explainer.sha256}  # type: ignore[union-attr]
+    try:
+        state.audit.write(
+            ctx["request_id"],
+            endpoint,
+            model,
+            x32,
+            {k: v.tolist() for k, v in exposed.items()},
+            ctx.get("principal"),
+            audit_extra,
+        )
+    except OSError:
+        log.exception("could not record request %s (audit line)", ctx["request_id"])
+        state.metrics.error("audit")
     state.metrics.scored(model.task, model.encoder.names, x64, exposed)
     if flags is not None:
         for row in flags:
             for f in row:
                 state.metrics.guardrails[(model.task, f["id"], f["status"])] += 1
-    audit_extra = None
     if explained is not None:
         state.metrics.explained[model.task] += x32.shape[0]
-        audit_extra = {"explainer_sha256": model.explainer.sha256}  # type: ignore[union-attr]
-    state.audit.write(
-        ctx["request_id"],
-        endpoint,
-        model,
-        x32,
-        {k: v.tolist() for k, v in exposed.items()},
-        ctx.get("principal"),
-        audit_extra,
-    )
 
 
 def _shown(spec: Any, v: float) -> Any:

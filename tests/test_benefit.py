@@ -472,7 +472,11 @@ def test_run_is_tracked_with_plots_and_the_model_registered(run, workspace):
     from mlflow import MlflowClient
 
     client = MlflowClient(workspace["uri"])
-    assert client.get_run(run.run_id).data.params["learner"] == run.manifest["method"]["learner"]
+    tracked = client.get_run(run.run_id).data
+    assert tracked.params["learner"] == run.manifest["method"]["learner"]
+    for name in ("untreated", "treated", "propensity"):  # how each nuisance model's search went
+        assert tracked.params[f"{name}.tuning.trials_run"] == "2"  # TINY's n_trials, well inside the cap
+        assert tracked.tags[f"{name}.tuning.stopped_by_timeout"] == "false"
     plots = {Path(a.path).name for a in client.list_artifacts(run.run_id, "plots")}
     assert {"overlap.png", "balance.png", "benefit_by_trigger.png", "qini.png"} <= plots
     champion = client.get_model_version_by_alias("masml-il1-benefit", "champion")

@@ -281,6 +281,7 @@ def test_an_audit_line_that_cannot_be_written_is_logged_and_counted(bundle):
         assert st == 200 and 0 <= body["predictions"][0]["risk"] <= 1
         st, _, text = call("GET", s.url("/metrics"))
         assert 'masml_errors_total{kind="audit"} 1' in text
+        assert 'masml_patients_scored_total{model="onset"} 1' in text  # the metrics after it still ran
         assert 'masml_requests_total{endpoint="predict",model="onset",status="200"} 1' in text
         assert f"could not record request {hdrs['x-request-id']}" in s.stderr()
         assert "No space left on device" in s.stderr()
