@@ -450,6 +450,23 @@ def _decode(raw: bytes) -> Any:
         ) from None
 
 
+# Body fields of the patient endpoints, the patients' field first (``CleanBatch.read``'s order).
+PREDICT_FIELDS = ("patients", "top", "features", "explain")
+EXPLAIN_FIELDS = ("patients", "top", "features")
+RECORDS_FIELDS = ("dataframe_records", "params")
+# Below this size a body holds a few patients, and the detailed path reads them faster: one patient,
+# 16 against 45 µs; four, 49 against 60 µs; eight, 394 against 73 µs (bench bodies, ~1 KB a patient).
+SMALL_BODY = 2048
+
+
+def _read_clean(model: Model, raw: bytes, fields: tuple[str, ...]) -> tuple[dict, np.ndarray, list] | None:
+    """A clean batch read on the typed fast path (serve/clean_batch.py), or None: then the caller reads
+    the same bytes on the detailed path, which names every problem."""
+    if model.clean is None or len(raw) < SMALL_BODY:
+        return None
+    return model.clean.read(raw, fields)
+
+
 def _model(state: State, name: str, ctx: dict) -> Model:
     m = state.snapshot.get(name)
     if m is None:
@@ -830,17 +847,19 @@ async def explain(request: Request, state: State, ctx: dict) -> Response:
 
 async def _predict(request: Request, state: State, ctx: dict, endpoint: str) -> Response:
     model = _model(state, request.path_params["task"], ctx)
-    allowed = {"patients", "top", "features"} | ({"explain"} if endpoint == "predict" else set())
-    body = _object(_decode(await _read_body(request, state)), allowed)
+    fields = PREDICT_FIELDS if endpoint == "predict" else EXPLAIN_FIELDS
+    raw = await _read_body(request, state)
+    clean = _read_clean(model, raw, fields)
+    body = clean[0] if clean is not None else _object(_decode(raw), set(fields))
     opts = _explain_options(body, model, always=endpoint == "explain")
-    patients = body.get("patients")
+    patients = clean[2] if clean is not None else body.get("patients")  # the ids: one per patient
     if isinstance(patients, list):
         _batch_size_ok(len(patients), state, "patients")
         if opts is not None:
             _explain_batch_ok(len(patients), state, "patients")
     elif "patients" not in body:
         raise invalid("patients", "required", "'patients' is required", expected="a list of patient objects")
-    x64, ids = model.encoder.encode(patients, "patients")
+    x64, ids = clean[1:] if clean is not None else model.encoder.encode(patients, "patients")
     outputs, flags, explained = await _score(state, model, x64, ctx, endpoint, explain=opts is not None)
     cols = {k: v.tolist() for k, v in outputs.items()}
     expl = _explanations(model, x64, explained, opts) if explained is not None and opts else None
@@ -904,7 +923,12 @@ async def invocations(request: Request, state: State, ctx: dict) -> Response:
             )
         name = next(iter(snap.models))
     model = _model(state, name, ctx)
-    body = _decode(await _read_body(request, state))
+    raw = await _read_body(request, state)
+    clean = _read_clean(model, raw, RECORDS_FIELDS)
+    if clean is not None:  # a clean dataframe_records batch, already checked and encoded
+        _batch_size_ok(len(clean[2]), state, "dataframe_records")
+        return await _invocations_answer(state, model, clean[1], ctx)
+    body = _decode(raw)
     formats = {"dataframe_split", "dataframe_records"}
     body = _object(body, formats | {"params"})
     given = [k for k in formats if k in body]
@@ -922,6 +946,10 @@ async def invocations(request: Request, state: State, ctx: dict) -> Response:
     if isinstance(patients, list):
         _batch_size_ok(len(patients), state, where)
     x64, _ = model.encoder.encode(patients, where)
+    return await _invocations_answer(state, model, x64, ctx)
+
+
+async def _invocations_answer(state: State, model: Model, x64: np.ndarray, ctx: dict) -> Response:
     outputs, flags, _ = await _score(state, model, x64, ctx, "invocations")
     cols = {k: v.tolist() for k, v in outputs.items()}
     preds = [{k: cols[k][i] for k in cols} for i in range(x64.shape[0])]

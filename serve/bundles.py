@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serve.clean_batch import CleanBatch
 from serve.guardrails import Guardrails
 from serve.inputs import Encoder
 
@@ -94,6 +95,7 @@ class Model:
     fingerprint: str = ""
     explainer: Explainer | None = None
     piece_rows: int | None = None  # manifest "small_batch_rows": rows per call on the graph's cheap branch
+    clean: CleanBatch | None = None  # the typed fast path for clean JSON batches (serve/clean_batch.py)
 
     def run(self, x32: np.ndarray) -> dict[str, np.ndarray]:
         n = x32.shape[0]
@@ -337,6 +339,7 @@ def load_model(bundle: Path, previous: Model | None = None) -> Model:
             raise BundleRefused(f"manifest lacks {key!r}")
     try:
         encoder = Encoder(manifest["inputs"])
+        clean = CleanBatch(encoder.specs)
     except (KeyError, TypeError, ValueError) as err:
         raise BundleRefused(f"manifest inputs are malformed: {err}") from None
     try:
@@ -387,6 +390,7 @@ def load_model(bundle: Path, previous: Model | None = None) -> Model:
         fingerprint=fp,
         explainer=explainer,
         piece_rows=_piece_rows(manifest),
+        clean=clean,
     )
 
 

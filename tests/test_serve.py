@@ -211,6 +211,40 @@ def test_bad_input_gets_4xx_listing_every_problem(server, body, status, fields):
         assert p["message"] and p["kind"]
 
 
+def test_a_large_batch_lists_every_problem_and_a_clean_one_scores_the_same_on_both_paths(server, frame):
+    """Bodies above SMALL_BODY are read on the typed fast path first (serve/clean_batch.py): a batch with
+    problems must still get every one of them, by field path, and a clean batch must score exactly as
+    when a unit object (which only the detailed path reads) sends it down the detailed path."""
+    patients = patients_from_frame(frame.head(60))
+    bad = [dict(p) for p in patients]
+    bad[7]["ferritin"] = -5
+    bad[42] |= {"trigger": "martian", "ferritni": 1}
+    st, _, resp = predict(server, bad)
+    assert st == 422, resp
+    assert {p["field"] for p in resp["problems"]} == {
+        "patients[7].ferritin",
+        "patients[42].trigger",
+        "patients[42].ferritni",
+    }
+    st, _, fast = predict(server, patients)
+    assert st == 200, fast
+    unit = [dict(p) for p in patients]
+    unit[0]["age_years"] = {"value": patients[0]["age_years"], "unit": "years"}
+    st, _, slow = predict(server, unit)
+    assert st == 200, slow
+    assert fast["predictions"] == slow["predictions"]
+    # MLflow's dataframe_records: the same two paths
+    st, _, inv = call("POST", server.url("/invocations?model=onset"), {"dataframe_records": patients})
+    assert st == 200, inv
+    assert [r["risk"] for r in inv["predictions"]] == [p["risk"] for p in fast["predictions"]]
+    st, _, inv = call("POST", server.url("/invocations?model=onset"), {"dataframe_records": bad})
+    assert st == 422 and {p["field"] for p in inv["problems"]} == {
+        "dataframe_records[7].ferritin",
+        "dataframe_records[42].trigger",
+        "dataframe_records[42].ferritni",
+    }, inv
+
+
 @pytest.mark.parametrize(
     ("method", "path", "raw", "status"),
     [

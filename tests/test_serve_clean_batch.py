@@ -1,0 +1,151 @@
+"""The clean-batch fast path (serve/clean_batch.py) against the detailed path (serve/inputs.py).
+
+The contract that keeps two paths honest: the fast path reads a clean batch to exactly the detailed
+path's float64 numbers and ids, and says "not clean" (None) for anything the detailed path refuses, so
+every error is still worded by the detailed path. Saying "not clean" for a valid body (unit objects)
+only costs time, never an answer.
+"""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import numpy as np
+import pytest
+from test_serve_support import patients_from_frame, tiny_bundle
+
+from masml.io import load_dataset
+from serve.problems import Problems
+
+FIELDS = ("patients", "top", "features", "explain")
+
+
+@pytest.fixture(scope="module")
+def onset(tmp_path_factory):
+    """The tiny onset bundle as the service loads it, and 80 cohort patients as an app sends them."""
+    from serve.bundles import load_model
+
+    cohort, models = tiny_bundle(tmp_path_factory)
+    patients = patients_from_frame(load_dataset(cohort).head(80))
+    return load_model(models / "onset"), patients
+
+
+def _detailed(model, body: bytes) -> tuple[np.ndarray, list] | Problems:
+    try:
+        return model.encoder.encode(msgspec.json.decode(body)["patients"], "patients")
+    except Problems as err:
+        return err
+
+
+def test_a_clean_batch_reads_to_the_detailed_paths_numbers(onset):
+    """Integers, booleans for 0/1 inputs, explicit nulls, fields left out, string and integer ids."""
+    model, patients = onset
+    mixed = []
+    for i, p in enumerate(patients):
+        q = dict(p)
+        if i % 3 == 0:
+            q["age_years"] = int(q["age_years"])
+        if i % 4 == 0:
+            q["splenomegaly"] = bool(q.get("splenomegaly", 0))
+        if i % 5 == 0:
+            q["ferritin"] = None
+        if i % 6 == 0:
+            q.pop("platelets", None)
+        if i % 7 == 0:
+            q["patient_id"] = i
+        if i % 11 == 0:
+            q.pop("patient_id", None)
+        mixed.append(q)
+    body = msgspec.json.encode({"patients": mixed, "top": 3, "explain": True})
+    got = model.clean.read(body, FIELDS)
+    assert got is not None
+    given, x, ids = got
+    want_x, want_ids = _detailed(model, body)
+    assert given == {"top": 3, "explain": True}
+    assert x.dtype == np.float64 and x.shape == want_x.shape == (len(patients), len(model.encoder.names))
+    np.testing.assert_array_equal(x, want_x)
+    assert ids == want_ids and 7 in ids and None in ids
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ferritni": 100},  # unknown field
+        {"ferritin": "high"},
+        {"ferritin": True},
+        {"ferritin": -5},  # out of range
+        {"sodium": 500},
+        {"trigger": "martian"},
+        {"sex": 1},
+        {"hepatomegaly": 3},
+        {"hepatomegaly": 0.5},
+        {"age_years": None},  # required
+        {"patient_id": [1]},
+        {"patient_id": "x" * 129},
+        {"patient_id": 2**64},
+        {"ferritin": {"value": 3, "unit": "furlongs"}},
+        {"ferritin": {"value": 3}},
+    ],
+)
+def test_anything_the_detailed_path_refuses_is_not_clean(onset, change):
+    model, patients = onset
+    batch = [dict(p) for p in patients]
+    batch[37] |= change
+    body = msgspec.json.encode({"patients": batch})
+    assert model.clean.read(body, FIELDS) is None
+    err = _detailed(model, body)
+    assert isinstance(err, Problems) and any(p["field"].startswith("patients[37]") for p in err.problems)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"patients": []}',
+        b'{"patients": {"a": 1}}',
+        b'{"patients": [1, 2]}',
+        b'{"top": 3}',
+        b'{"patients": [{"age_years": 3, "sex": "F", "trigger": "sjia"}], "extra": 1}',
+        b"[1, 2]",
+        b'{"patients": [',
+        b"",
+        b'{"patients": [{"age_years": 1e999, "sex": "F", "trigger": "sjia"}]}',
+    ],
+)
+def test_a_body_of_another_shape_is_not_clean(onset, raw):
+    assert onset[0].clean.read(raw, FIELDS) is None
+
+
+def test_a_valid_unit_object_is_not_clean_but_is_read_by_the_detailed_path(onset):
+    model, patients = onset
+    batch = [dict(p) for p in patients]
+    batch[0]["ferritin"] = {"value": 8000, "unit": "µg/L"}
+    body = msgspec.json.encode({"patients": batch})
+    assert model.clean.read(body, FIELDS) is None
+    assert not isinstance(_detailed(model, body), Problems)
+
+
+def test_random_changes_never_make_the_paths_disagree(onset):
+    """400 seeded batches, each with a few values replaced by ones from a pool of the valid, the odd
+    and the wrong: whenever the fast path reads a batch, the detailed path reads the same numbers;
+    whenever the detailed path refuses one, the fast path has said it is not clean."""
+    model, patients = onset
+    names = [*model.encoder.names, "patient_id"]
+    pool = [None, 0, 1, 2, -1, 0.5, 3.5, 37.2, 140, 1e6, 10**30, True, False, "F", "M", "sjia", "martian",
+            "", "x" * 200, [], {}, {"value": 1, "unit": "g/L"}, {"value": 39, "unit": "degC"}]  # fmt: skip
+    rng = random.Random(7)
+    read = refused = 0
+    for _ in range(400):
+        batch = [dict(p) for p in rng.sample(patients, 40)]
+        for _ in range(rng.randint(1, 3)):
+            batch[rng.randrange(40)][rng.choice(names)] = rng.choice(pool)
+        body = msgspec.json.encode({"patients": batch})
+        fast, slow = model.clean.read(body, FIELDS), _detailed(model, body)
+        if isinstance(slow, Problems):
+            assert fast is None, slow.problems
+            refused += 1
+        elif fast is not None:
+            np.testing.assert_array_equal(fast[1], slow[0])
+            assert fast[2] == slow[1]
+            read += 1
+    assert read > 40 and refused > 40  # both outcomes were exercised, not just one
