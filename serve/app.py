@@ -45,6 +45,7 @@ from starlette.routing import Route
 
 from serve import __version__
 from serve.bundles import BATCH_POOL, BATCH_THREADS, Model, Snapshot, load_folder
+from serve.clean_batch import CleanBatch
 from serve.metrics import Metrics
 from serve.openapi import build_spec
 from serve.problems import Problems, invalid, problem
@@ -459,12 +460,11 @@ RECORDS_FIELDS = ("dataframe_records", "params")
 SMALL_BODY = 2048
 
 
-def _read_clean(model: Model, raw: bytes, fields: tuple[str, ...]) -> tuple[dict, np.ndarray, list] | None:
-    """A clean batch read on the typed fast path (serve/clean_batch.py), or None: then the caller reads
-    the same bytes on the detailed path, which names every problem."""
-    if model.clean is None or len(raw) < SMALL_BODY:
-        return None
-    return model.clean.read(raw, fields)
+def _fast_path(model: Model, raw: bytes) -> CleanBatch | None:
+    """The model's typed fast path (serve/clean_batch.py) when the body is big enough to gain from it.
+    Whatever it does not read as a clean batch, the caller reads on the detailed path, which names
+    every problem."""
+    return model.clean if len(raw) >= SMALL_BODY else None
 
 
 def _model(state: State, name: str, ctx: dict) -> Model:
@@ -849,7 +849,8 @@ async def _predict(request: Request, state: State, ctx: dict, endpoint: str) -> 
     model = _model(state, request.path_params["task"], ctx)
     fields = PREDICT_FIELDS if endpoint == "predict" else EXPLAIN_FIELDS
     raw = await _read_body(request, state)
-    clean = _read_clean(model, raw, fields)
+    fast = _fast_path(model, raw)
+    clean = fast.read(raw, fields) if fast else None
     body = clean[0] if clean is not None else _object(_decode(raw), set(fields))
     opts = _explain_options(body, model, always=endpoint == "explain")
     patients = clean[2] if clean is not None else body.get("patients")  # the ids: one per patient
@@ -924,10 +925,15 @@ async def invocations(request: Request, state: State, ctx: dict) -> Response:
         name = next(iter(snap.models))
     model = _model(state, name, ctx)
     raw = await _read_body(request, state)
-    clean = _read_clean(model, raw, RECORDS_FIELDS)
+    fast = _fast_path(model, raw)
+    clean = fast.read(raw, RECORDS_FIELDS) if fast else None
     if clean is not None:  # a clean dataframe_records batch, already checked and encoded
         _batch_size_ok(len(clean[2]), state, "dataframe_records")
         return await _invocations_answer(state, model, clean[1], ctx)
+    split = fast.read_split(raw) if fast else None
+    if split is not None:  # the same for dataframe_split
+        _batch_size_ok(len(split[1]), state, "dataframe_split.data")
+        return await _invocations_answer(state, model, split[0], ctx)
     body = _decode(raw)
     formats = {"dataframe_split", "dataframe_records"}
     body = _object(body, formats | {"params"})

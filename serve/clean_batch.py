@@ -18,6 +18,8 @@ the typed decode within microseconds, so lab systems that send their own units l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -28,41 +30,98 @@ import numpy as np
 from serve.inputs import ID_FIELD, InputSpec
 
 _astuple = msgspec.structs.astuple
+MAX_COLUMN_ORDERS = 32  # dataframe_split decoders kept, one per column order a client sends
+
+
+class _SplitFrame(msgspec.Struct, forbid_unknown_fields=True):
+    columns: list[str]
+    data: msgspec.Raw  # decoded once the columns say which type each position holds
+    index: Any = msgspec.UNSET
+
+
+class _SplitBody(msgspec.Struct, forbid_unknown_fields=True):
+    dataframe_split: _SplitFrame
+    params: Any = msgspec.UNSET
+
+
+_split_body = msgspec.json.Decoder(_SplitBody)
+
+
+@dataclass
+class _Layout:
+    """Where a decoded row (a tuple) holds each input, with the checks of the numbers it holds."""
+
+    numbers: Callable[[tuple], Any] | None  # row -> its numeric and binary values, as a tuple
+    num_cols: np.ndarray  # the matrix column of each of those values
+    low: np.ndarray  # per value: valid range (no range: any finite number), 0/1 only, required
+    high: np.ndarray
+    binary: np.ndarray
+    required: np.ndarray
+    cats: list[tuple[int, Callable[[tuple], Any], dict, bool]]  # matrix column, getter, codes, required
+    ident: Callable[[tuple], Any] | None  # row -> patient_id
+    complete: bool  # False if a required input has no place in the row (a batch without it fails)
 
 
 class CleanBatch:
-    """For one manifest's inputs: a typed decoder per request shape, and the vectorised checks."""
+    """For one manifest's inputs: typed decoders per request shape, and the vectorised checks."""
 
     def __init__(self, specs: list[InputSpec]) -> None:
-        self.width = len(specs)
+        self.specs, self.width = specs, len(specs)
+        self.index = {s.name: j for j, s in enumerate(specs)}
         num = [j for j, s in enumerate(specs) if s.kind != "category"]
         cat = [j for j, s in enumerate(specs) if s.kind == "category"]
-        # Python names f0, f1, ... renamed to the JSON names: any manifest name is a valid field
-        names = [specs[j].name for j in num + cat] + [ID_FIELD]
-        types: list[Any] = [float | None if specs[j].kind == "numeric" else bool | float | None for j in num]
-        types += [str | None] * len(cat) + [str | int | None]
+        # a patient object decodes to a struct whose tuple holds the numbers first, then the
+        # categories, then the id; Python names f0, f1, ... renamed to the JSON names, so any manifest
+        # name is a valid field
+        order = num + cat
+        names = [specs[j].name for j in order] + [ID_FIELD]
         self.patient = msgspec.defstruct(
             "Patient",
-            [(f"f{i}", t, None) for i, t in enumerate(types)],
+            [(f"f{i}", t, None) for i, t in enumerate([*map(self._type, order), str | int | None])],
             rename={f"f{i}": n for i, n in enumerate(names)},
             forbid_unknown_fields=True,
         )
-        self.num_cols, self.cat_cols = np.array(num, dtype=np.intp), cat
-        self._numbers = itemgetter(slice(0, len(num)))  # a patient tuple's numeric and binary values
-        self._cats = [itemgetter(len(num) + i) for i in range(len(cat))]
-        self._id = itemgetter(len(names) - 1)
-        # per numeric/binary column: valid range (no range: any finite number), 0/1 only, required
-        self.low = np.array([-np.inf if specs[j].low is None else specs[j].low for j in num])
-        self.high = np.array([np.inf if specs[j].high is None else specs[j].high for j in num])
-        binary = [specs[j].kind == "binary" for j in num]
-        self.binary = np.array(binary, dtype=bool)
-        self.low[self.binary], self.high[self.binary] = 0.0, 1.0
-        self.required = np.array([specs[j].required for j in num], dtype=bool)
-        # category name -> code; None (null or left out) -> NaN; anything else -> the -1 below
-        self.codes = [{**{str(c): float(i) for i, c in enumerate(specs[j].categories or [])}, None: np.nan}
-                      for j in cat]  # fmt: skip
-        self.cat_required = [specs[j].required for j in cat]
+        self.records_layout = self._layout({j: i for i, j in enumerate(order)}, len(order))
         self._decoders: dict[tuple[str, ...], msgspec.json.Decoder] = {}
+        self._split: dict[tuple[str, ...], tuple[msgspec.json.Decoder, _Layout] | None] = {}
+
+    def _type(self, j: int) -> Any:
+        kind = self.specs[j].kind
+        return float | None if kind == "numeric" else bool | float | None if kind == "binary" else str | None
+
+    def _layout(self, position: dict[int, int], ident: int | None) -> _Layout:
+        """``position``: matrix column -> its place in a row (absent: not sent); ``ident``: the id's."""
+        specs = self.specs
+        num = [j for j in sorted(position, key=position.get) if specs[j].kind != "category"]  # type: ignore[arg-type]
+        places = [position[j] for j in num]
+        if not places:
+            numbers = None
+        elif places == list(range(places[0], places[0] + len(places))):
+            numbers = itemgetter(slice(places[0], places[0] + len(places)))  # contiguous: one slice
+        elif len(places) == 1:
+            numbers = lambda row, _p=places[0]: (row[_p],)  # noqa: E731 (itemgetter of one is no tuple)
+        else:
+            numbers = itemgetter(*places)
+        binary = np.array([specs[j].kind == "binary" for j in num], dtype=bool)
+        low = np.array([-np.inf if specs[j].low is None else specs[j].low for j in num], dtype=np.float64)
+        high = np.array([np.inf if specs[j].high is None else specs[j].high for j in num], dtype=np.float64)
+        low[binary], high[binary] = 0.0, 1.0
+        cats = [  # category name -> code; None (null or left out) -> NaN; anything else -> -1 (refused)
+            (j, itemgetter(position[j]), {**{str(c): float(i) for i, c in enumerate(s.categories or [])},
+                                          None: np.nan}, s.required)
+            for j, s in enumerate(specs) if s.kind == "category" and j in position
+        ]  # fmt: skip
+        return _Layout(
+            numbers=numbers,
+            num_cols=np.array(num, dtype=np.intp),
+            low=low,
+            high=high,
+            binary=binary,
+            required=np.array([specs[j].required for j in num], dtype=bool),
+            cats=cats,
+            ident=None if ident is None else itemgetter(ident),
+            complete=all(j in position for j, s in enumerate(specs) if s.required),
+        )
 
     def decoder(self, fields: tuple[str, ...]) -> msgspec.json.Decoder:
         """The decoder of a body ``{fields[0]: [patients], fields[1:]...}``; each other field decoded as
@@ -89,33 +148,65 @@ class CleanBatch:
             return None
         if values[0] is msgspec.UNSET:
             return None  # no patients at all: the detailed path says which field is required
-        encoded = self.encode(values[0])
+        encoded = self.encode(list(map(_astuple, values[0])), self.records_layout)
         if encoded is None:
             return None
         given = {k: v for k, v in zip(fields[1:], values[1:], strict=True) if v is not msgspec.UNSET}
         return given, *encoded
 
-    def encode(self, patients: list) -> tuple[np.ndarray, list] | None:
-        n = len(patients)
-        if n == 0:
+    def read_split(self, raw: bytes) -> tuple[np.ndarray, list] | None:
+        """MLflow's ``{"dataframe_split": {"columns", "data"[, "index"]}[, "params"]}``: the matrix and
+        ids, or None as ``read``. The rows are decoded by a decoder typed for the client's column
+        order (one kept per order, at most ``MAX_COLUMN_ORDERS``)."""
+        try:
+            frame = _split_body.decode(raw).dataframe_split
+        except msgspec.DecodeError:
             return None
-        rows = list(map(_astuple, patients))
-        num = np.array(list(map(self._numbers, rows)), dtype=np.float64)  # None -> NaN
-        missing = np.isnan(num)
-        with np.errstate(invalid="ignore"):
-            ok = missing | ((num >= self.low) & (num <= self.high) & np.isfinite(num))
-            ok &= ~self.binary | missing | (num == 0.0) | (num == 1.0)
-        if not ok.all() or (missing & self.required).any():
+        typed = self._split_decoder(tuple(frame.columns))
+        if typed is None:
             return None
-        x = np.empty((n, self.width), dtype=np.float64)
-        x[:, self.num_cols] = num
-        cats = zip(self.cat_cols, self._cats, self.codes, self.cat_required, strict=True)
-        for j, get, codes, required in cats:
+        dec, layout = typed
+        try:
+            rows = dec.decode(frame.data)
+        except msgspec.DecodeError:
+            return None
+        return self.encode(rows, layout)
+
+    def _split_decoder(self, columns: tuple[str, ...]) -> tuple[msgspec.json.Decoder, _Layout] | None:
+        if columns in self._split:
+            return self._split[columns]
+        found = None
+        if columns and len(set(columns)) == len(columns) and set(columns) <= self.index.keys() | {ID_FIELD}:
+            types = [str | int | None if c == ID_FIELD else self._type(self.index[c]) for c in columns]
+            rows = list[tuple[tuple(types)]]  # type: ignore[misc]
+            position = {self.index[c]: i for i, c in enumerate(columns) if c != ID_FIELD}
+            ident = columns.index(ID_FIELD) if ID_FIELD in columns else None
+            found = (msgspec.json.Decoder(rows), self._layout(position, ident))
+        if len(self._split) < MAX_COLUMN_ORDERS:  # bounded: endless new orders gain nothing
+            self._split[columns] = found
+        return found
+
+    def encode(self, rows: list[tuple], layout: _Layout) -> tuple[np.ndarray, list] | None:
+        """Decoded rows -> the canonical float64 matrix and ids, or None unless every value is valid."""
+        n = len(rows)
+        if n == 0 or not layout.complete:
+            return None
+        x = np.full((n, self.width), np.nan)
+        if layout.numbers is not None:
+            num = np.array(list(map(layout.numbers, rows)), dtype=np.float64)  # None -> NaN
+            missing = np.isnan(num)
+            with np.errstate(invalid="ignore"):
+                ok = missing | ((num >= layout.low) & (num <= layout.high) & np.isfinite(num))
+                ok &= ~layout.binary | missing | (num == 0.0) | (num == 1.0)
+            if not ok.all() or (missing & layout.required).any():
+                return None
+            x[:, layout.num_cols] = num
+        for j, get, codes, required in layout.cats:
             col = np.array(list(map(codes.get, map(get, rows), repeat(-1.0))), dtype=np.float64)
             if (col < 0).any() or (required and np.isnan(col).any()):
                 return None
             x[:, j] = col
-        ids = list(map(self._id, rows))
+        ids = [None] * n if layout.ident is None else list(map(layout.ident, rows))
         if set(map(type, ids)) <= {str, type(None)}:  # the usual ids: checked in C loops
             if max(map(len, filter(None, ids)), default=0) > 128:
                 return None

@@ -243,6 +243,24 @@ def test_a_large_batch_lists_every_problem_and_a_clean_one_scores_the_same_on_bo
         "dataframe_records[42].trigger",
         "dataframe_records[42].ferritni",
     }, inv
+    columns = sorted({k for p in bad for k in p})  # dataframe_split, including the unknown column
+    for records in (patients, bad):
+        split = {"columns": columns, "data": [[p.get(c) for c in columns] for p in records]}
+        st, _, inv = call("POST", server.url("/invocations?model=onset"), {"dataframe_split": split})
+        if records is patients:  # the unknown column holds only nulls here: still refused
+            assert st == 422 and {p["field"] for p in inv["problems"]} == {
+                f"dataframe_split.data[{i}].ferritni" for i in range(len(patients))
+            }
+        else:
+            assert st == 422 and {p["field"] for p in inv["problems"]} >= {
+                "dataframe_split.data[7].ferritin",
+                "dataframe_split.data[42].trigger",
+                "dataframe_split.data[42].ferritni",
+            }, inv
+    columns.remove("ferritni")
+    split = {"columns": columns, "data": [[p.get(c) for c in columns] for p in patients]}
+    st, _, inv = call("POST", server.url("/invocations?model=onset"), {"dataframe_split": split})
+    assert st == 200 and [r["risk"] for r in inv["predictions"]] == [p["risk"] for p in fast["predictions"]]
 
 
 @pytest.mark.parametrize(

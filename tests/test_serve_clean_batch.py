@@ -38,6 +38,22 @@ def _detailed(model, body: bytes) -> tuple[np.ndarray, list] | Problems:
         return err
 
 
+def _detailed_split(model, body: bytes) -> tuple[np.ndarray, list] | Problems:
+    from serve.app import _split_to_records
+
+    try:
+        records = _split_to_records(msgspec.json.decode(body)["dataframe_split"])
+        return model.encoder.encode(records, "dataframe_split.data")
+    except Problems as err:
+        return err
+
+
+def _split(batch: list[dict], columns: list[str]) -> bytes:
+    """The batch as MLflow's dataframe_split: every column given, None where a patient has no value."""
+    data = [[p.get(c) for c in columns] for p in batch]
+    return msgspec.json.encode({"dataframe_split": {"columns": columns, "data": data}})
+
+
 def test_a_clean_batch_reads_to_the_detailed_paths_numbers(onset):
     """Integers, booleans for 0/1 inputs, explicit nulls, fields left out, string and integer ids."""
     model, patients = onset
@@ -127,25 +143,70 @@ def test_a_valid_unit_object_is_not_clean_but_is_read_by_the_detailed_path(onset
 
 def test_random_changes_never_make_the_paths_disagree(onset):
     """400 seeded batches, each with a few values replaced by ones from a pool of the valid, the odd
-    and the wrong: whenever the fast path reads a batch, the detailed path reads the same numbers;
-    whenever the detailed path refuses one, the fast path has said it is not clean."""
+    and the wrong, sent as patient objects and as a dataframe_split in a random column order: whenever
+    the fast path reads a batch, the detailed path reads the same numbers; whenever the detailed path
+    refuses one, the fast path has said it is not clean."""
     model, patients = onset
     names = [*model.encoder.names, "patient_id"]
     pool = [None, 0, 1, 2, -1, 0.5, 3.5, 37.2, 140, 1e6, 10**30, True, False, "F", "M", "sjia", "martian",
             "", "x" * 200, [], {}, {"value": 1, "unit": "g/L"}, {"value": 39, "unit": "degC"}]  # fmt: skip
     rng = random.Random(7)
-    read = refused = 0
+    read, refused = {"records": 0, "split": 0}, {"records": 0, "split": 0}
     for _ in range(400):
         batch = [dict(p) for p in rng.sample(patients, 40)]
-        for _ in range(rng.randint(1, 3)):
-            batch[rng.randrange(40)][rng.choice(names)] = rng.choice(pool)
+        for _ in range(rng.randint(1, 3)):  # half the time another patient's value: valid, or left out
+            name = rng.choice(names)
+            value = rng.choice(pool) if rng.random() < 0.5 else rng.choice(patients).get(name)
+            batch[rng.randrange(40)][name] = value
         body = msgspec.json.encode({"patients": batch})
-        fast, slow = model.clean.read(body, FIELDS), _detailed(model, body)
-        if isinstance(slow, Problems):
-            assert fast is None, slow.problems
-            refused += 1
-        elif fast is not None:
-            np.testing.assert_array_equal(fast[1], slow[0])
-            assert fast[2] == slow[1]
-            read += 1
-    assert read > 40 and refused > 40  # both outcomes were exercised, not just one
+        fast = model.clean.read(body, FIELDS)
+        columns = rng.sample(names, rng.randint(len(names) - 3, len(names)))  # some orders leave some out
+        split = _split(batch, columns + sorted({k for p in batch for k in p} - set(names)))
+        for shape, got, slow in [
+            ("records", fast and fast[1:], _detailed(model, body)),
+            ("split", model.clean.read_split(split), _detailed_split(model, split)),
+        ]:
+            if isinstance(slow, Problems):
+                assert got is None, (shape, slow.problems)
+                refused[shape] += 1
+            elif got is not None:
+                np.testing.assert_array_equal(got[0], slow[0])
+                assert got[1] == slow[1], shape
+                read[shape] += 1
+    assert min(read.values()) > 40 and min(refused.values()) > 40, (read, refused)  # both, in both shapes
+
+
+def test_dataframe_split_reads_any_column_order_to_the_detailed_paths_numbers(onset):
+    model, patients = onset
+    columns = ["patient_id", *model.encoder.names]
+    random.Random(3).shuffle(columns)
+    columns.remove("ferritin")  # a column left out: missing for every patient
+    body = _split(patients, columns)
+    got, want = model.clean.read_split(body), _detailed_split(model, body)
+    assert got is not None and not isinstance(want, Problems)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1] == [p.get("patient_id") for p in patients]
+    assert np.isnan(got[0][:, model.encoder.names.index("ferritin")]).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda f: f["columns"].append("ferritni"),  # unknown column
+        lambda f: f["columns"].__setitem__(1, f["columns"][0]),  # a column twice
+        lambda f: f["data"][5].append(1.0),  # a row too long
+        lambda f: f["data"][5].__setitem__(0, "high"),  # a string where a number belongs
+        lambda f: f.update(extra=1),
+        lambda f: f.update(data=[]),
+        lambda f: f.update(columns=[c for c in f["columns"] if c != "age_years"],
+                           data=[r[1:] for r in f["data"]]),  # a required input left out  # fmt: skip
+    ],
+)
+def test_a_dataframe_split_the_detailed_path_refuses_is_not_clean(onset, change):
+    model, patients = onset
+    columns = ["age_years", *[n for n in model.encoder.names if n != "age_years"]]
+    frame = msgspec.json.decode(_split(patients, columns))["dataframe_split"]
+    change(frame)
+    body = msgspec.json.encode({"dataframe_split": frame})
+    assert model.clean.read_split(body) is None
+    assert isinstance(_detailed_split(model, body), Problems)
