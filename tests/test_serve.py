@@ -233,6 +233,14 @@ def test_a_large_batch_lists_every_problem_and_a_clean_one_scores_the_same_on_bo
     st, _, slow = predict(server, unit)
     assert st == 200, slow
     assert fast["predictions"] == slow["predictions"]
+    options = (({"top": 3}, "body.top"), ({"explain": "yes"}, "body.explain"), ({"x": 1}, "body.x"))
+    for extra, field in options:  # the body's other fields, checked as on the detailed path
+        st, _, resp = call("POST", server.url("/v1/models/onset/predict"), {"patients": patients, **extra})
+        assert st == 422 and [p["field"] for p in resp["problems"]] == [field], resp
+    st, _, resp = call("POST", server.url("/v1/models/onset/predict"), {"patients": patients, "explain": True,
+                                                                         "top": 2})  # fmt: skip
+    assert st == 200 and [len(p["explanation"]["top"]) for p in resp["predictions"]] == [2] * len(patients)
+    assert [p["risk"] for p in resp["predictions"]] == [p["risk"] for p in fast["predictions"]]
     # MLflow's dataframe_records: the same two paths
     st, _, inv = call("POST", server.url("/invocations?model=onset"), {"dataframe_records": patients})
     assert st == 200, inv
