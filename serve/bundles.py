@@ -190,7 +190,7 @@ def _metrics_summary(metrics: dict) -> dict:
 # one-target-per-tree form the graph uses for bigger batches (docs/architecture.md §3). Why threads of
 # our own rather than onnxruntime's: its threads would split a small batch over trees, which reorders
 # the sums; split over rows, every row's risk is the same as one call's (tests/test_serve.py checks).
-# Small explain calls also use the pool: the score runs beside the explainer (serve.app._run).
+# Small explain calls also use the pool: the score runs beside the explainer (serve.scoring.run_graphs).
 # A bundle without ``small_batch_rows`` (made before it) is scored in one call, on one thread.
 
 

@@ -11,8 +11,10 @@ is set, so that low-entropy lab panels cannot be recovered by hashing guesses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import ipaddress
 import os
 import sys
 import time
@@ -163,3 +165,13 @@ class Audit:
 def _numbers(values: list) -> bool:
     """True when every value is a float, an int or None: their JSON texts hold no comma."""
     return set(map(type, values)) <= {float, int, type(None)}
+
+
+@functools.lru_cache(maxsize=1024)  # asked on every request without keys; parsing an address is not free
+def is_loopback(host: str | None) -> bool:
+    if host in (None, "localhost"):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback  # type: ignore[arg-type]
+    except ValueError:
+        return False

@@ -39,10 +39,10 @@ def _detailed(model, body: bytes) -> tuple[np.ndarray, list] | Problems:
 
 
 def _detailed_split(model, body: bytes) -> tuple[np.ndarray, list] | Problems:
-    from serve.app import _split_to_records
+    from serve.mlflow_protocol import split_to_records
 
     try:
-        records = _split_to_records(msgspec.json.decode(body)["dataframe_split"])
+        records = split_to_records(msgspec.json.decode(body)["dataframe_split"])
         return model.encoder.encode(records, "dataframe_split.data")
     except Problems as err:
         return err

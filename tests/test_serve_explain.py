@@ -106,23 +106,23 @@ def test_explanations_equal_onnxruntime_on_masml_encoding_and_add_up(server, fra
 
 @pytest.mark.parametrize("threads", [2, 1])
 def test_scoring_beside_the_explainer_answers_as_one_after_the_other(bundle, reference, monkeypatch, threads):
-    """A small explain call scores on a pool thread while the explainer runs (``serve.app._run``); the
-    outputs are the graphs' own at 1 and 40 rows, and past small_batch_rows (scored in pieces, so not
-    beside the explainer: pool tasks waiting on pool tasks could deadlock) on 1 and 2 threads."""
-    from serve import app
+    """A small explain call scores on a pool thread while the explainer runs (``scoring.run_graphs``);
+    the outputs are the graphs' own at 1 and 40 rows, and past small_batch_rows (scored in pieces, so
+    not beside the explainer: pool tasks waiting on pool tasks could deadlock) on 1 and 2 threads."""
+    from serve import scoring
     from serve.bundles import load_model
 
-    monkeypatch.setattr(app, "BATCH_THREADS", threads)
+    monkeypatch.setattr(scoring, "BATCH_THREADS", threads)
     model = load_model(bundle[1] / "onset")
     x = np.concatenate([reference["x"]] * 2).astype(np.float32)  # 80 rows: over small_batch_rows (50)
     risk = onnx_session((bundle[1] / "onset" / "model.onnx").read_bytes()).run(["risk"], {"inputs": x})[0]
     for n in (1, MAX_EXPLAIN, len(x)):
-        scored, explained = app._run(model, x[:n], explain=True)
+        scored, explained = scoring.run_graphs(model, x[:n], explain=True)
         np.testing.assert_array_equal(scored["risk"], risk.reshape(-1)[:n])
         np.testing.assert_array_equal(explained["margin"], np.tile(reference["model_margin"], 2)[:n])
         for k in ("contributions", "base_value"):
             np.testing.assert_array_equal(explained[k], np.concatenate([reference[k]] * 2)[:n])
-    assert app._run(model, x[:1], explain=False)[1] is None
+    assert scoring.run_graphs(model, x[:1], explain=False)[1] is None
 
 
 def test_top_is_ordered_with_converted_values_and_canonical_units(server, reference):
