@@ -213,8 +213,9 @@ def test_bad_input_gets_4xx_listing_every_problem(server, body, status, fields):
 
 def test_a_large_batch_lists_every_problem_and_a_clean_one_scores_the_same_on_both_paths(server, frame):
     """Bodies above SMALL_BODY are read on the typed fast path first (serve/clean_batch.py): a batch with
-    problems must still get every one of them, by field path, and a clean batch must score exactly as
-    when a unit object (which only the detailed path reads) sends it down the detailed path."""
+    problems must still get every one of them, by field path, and a clean batch (with unit objects or
+    without) must score exactly as its patients sent two by two, in bodies small enough for the
+    detailed path."""
     patients = patients_from_frame(frame.head(60))
     bad = [dict(p) for p in patients]
     bad[7]["ferritin"] = -5
@@ -228,11 +229,16 @@ def test_a_large_batch_lists_every_problem_and_a_clean_one_scores_the_same_on_bo
     }
     st, _, fast = predict(server, patients)
     assert st == 200, fast
+    pairs = [predict(server, patients[i : i + 2]) for i in range(0, len(patients), 2)]
+    assert all(st == 200 for st, _, _ in pairs) and len(json.dumps(patients[:2])) < 2048
+    assert fast["predictions"] == [p for _, _, body in pairs for p in body["predictions"]]
     unit = [dict(p) for p in patients]
-    unit[0]["age_years"] = {"value": patients[0]["age_years"], "unit": "years"}
-    st, _, slow = predict(server, unit)
-    assert st == 200, slow
-    assert fast["predictions"] == slow["predictions"]
+    for p in unit[::3]:
+        p["age_years"] = {"value": p["age_years"] * 12, "unit": "months"}
+    st, _, with_units = predict(server, unit)
+    assert st == 200, with_units
+    pairs = [predict(server, unit[i : i + 2]) for i in range(0, len(unit), 2)]
+    assert with_units["predictions"] == [p for _, _, body in pairs for p in body["predictions"]]
     options = (({"top": 3}, "body.top"), ({"explain": "yes"}, "body.explain"), ({"x": 1}, "body.x"))
     for extra, field in options:  # the body's other fields, checked as on the detailed path
         st, _, resp = call("POST", server.url("/v1/models/onset/predict"), {"patients": patients, **extra})

@@ -132,13 +132,27 @@ def test_a_body_of_another_shape_is_not_clean(onset, raw):
     assert onset[0].clean.read(raw, FIELDS) is None
 
 
-def test_a_valid_unit_object_is_not_clean_but_is_read_by_the_detailed_path(onset):
+def test_unit_objects_read_to_the_detailed_paths_numbers(onset):
+    """A lab system's own units, in several columns and spellings, beside plain numbers and nulls."""
     model, patients = onset
     batch = [dict(p) for p in patients]
-    batch[0]["ferritin"] = {"value": 8000, "unit": "µg/L"}
+    for i, p in enumerate(batch):
+        if i % 2 and "ferritin" in p:
+            p["ferritin"] = {"value": p["ferritin"] * 2.247, "unit": "pmol/L"}
+        if i % 3 and "temperature_c" in p:
+            p["temperature_c"] = {"value": p["temperature_c"] * 9 / 5 + 32, "unit": "°F"}
+        if i % 5 == 0:
+            p["hemoglobin"] = {"value": 90, "unit": "g/L"}
+        if i % 7 == 0:
+            p["age_years"] = {"value": 30, "unit": "months"}
     body = msgspec.json.encode({"patients": batch})
-    assert model.clean.read(body, FIELDS) is None
-    assert not isinstance(_detailed(model, body), Problems)
+    got, want = model.clean.read(body, FIELDS), _detailed(model, body)
+    assert got is not None and not isinstance(want, Problems)
+    np.testing.assert_array_equal(got[1], want[0])
+    split = _split(batch, ["patient_id", *model.encoder.names])
+    got_split, want_split = model.clean.read_split(split), _detailed_split(model, split)
+    np.testing.assert_array_equal(got_split[0], want_split[0])
+    np.testing.assert_array_equal(got_split[0], want[0])
 
 
 def test_random_changes_never_make_the_paths_disagree(onset):
@@ -149,7 +163,9 @@ def test_random_changes_never_make_the_paths_disagree(onset):
     model, patients = onset
     names = [*model.encoder.names, "patient_id"]
     pool = [None, 0, 1, 2, -1, 0.5, 3.5, 37.2, 140, 1e6, 10**30, True, False, "F", "M", "sjia", "martian",
-            "", "x" * 200, [], {}, {"value": 1, "unit": "g/L"}, {"value": 39, "unit": "degC"}]  # fmt: skip
+            "", "x" * 200, [], {}, {"value": 1, "unit": "g/L"}, {"value": 39, "unit": "degC"},
+            {"value": 101, "unit": "°F"}, {"value": 5, "unit": "mmol/L"}, {"value": True, "unit": "g/L"},
+            {"value": 3, "unit": "g/L", "x": 1}, {"unit": "g/L"}]  # fmt: skip
     rng = random.Random(7)
     read, refused = {"records": 0, "split": 0}, {"records": 0, "split": 0}
     for _ in range(400):
