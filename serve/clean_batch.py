@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from serve.inputs import ID_FIELD, InputSpec
+from serve.inputs import ID_FIELD, InputSpec, bounds, checked_ids
 
 _astuple = msgspec.structs.astuple
 MAX_COLUMN_ORDERS = 32  # dataframe_split decoders kept, one per column order a client sends
@@ -88,6 +88,7 @@ class CleanBatch:
     def __init__(self, specs: list[InputSpec]) -> None:
         self.specs, self.width = specs, len(specs)
         self.index = {s.name: j for j, s in enumerate(specs)}
+        self.bounds = bounds(specs, np.float64)  # the canonical values are float64
         num = [j for j, s in enumerate(specs) if s.kind != "category"]
         cat = [j for j, s in enumerate(specs) if s.kind == "category"]
         # a patient object decodes to a struct whose tuple holds the numbers first, then the
@@ -119,15 +120,10 @@ class CleanBatch:
         if not places:
             numbers = None
         elif places == list(range(places[0], places[0] + len(places))):
-            numbers = itemgetter(slice(places[0], places[0] + len(places)))  # contiguous: one slice
-        elif len(places) == 1:
-            numbers = lambda row, _p=places[0]: (row[_p],)  # noqa: E731 (itemgetter of one is no tuple)
+            numbers = itemgetter(slice(places[0], places[0] + len(places)))  # contiguous (or one): a slice
         else:
             numbers = itemgetter(*places)
-        binary = np.array([specs[j].kind == "binary" for j in num], dtype=bool)
-        low = np.array([-np.inf if specs[j].low is None else specs[j].low for j in num], dtype=np.float64)
-        high = np.array([np.inf if specs[j].high is None else specs[j].high for j in num], dtype=np.float64)
-        low[binary], high[binary] = 0.0, 1.0
+        low, high, whole, required = (a[num] for a in self.bounds)  # for a number or 0/1: whole = 0/1
         cats = [  # category name -> code; None (null or left out) -> NaN; anything else -> -1 (refused)
             (j, itemgetter(position[j]), {**{str(c): float(i) for i, c in enumerate(s.categories or [])},
                                           None: np.nan}, s.required)
@@ -141,8 +137,8 @@ class CleanBatch:
             units=any(specs[j].kind == "numeric" for j in num),
             low=low,
             high=high,
-            binary=binary,
-            required=np.array([specs[j].required for j in num], dtype=bool),
+            binary=whole,
+            required=required,
             cats=cats,
             ident=None if ident is None else itemgetter(ident),
             complete=all(j in position for j, s in enumerate(specs) if s.required),
@@ -234,12 +230,9 @@ class CleanBatch:
                 return None
             x[:, j] = col
         ids = [None] * n if layout.ident is None else list(map(layout.ident, rows))
-        if set(map(type, ids)) <= {str, type(None)}:  # the usual ids: checked in C loops
-            if max(map(len, filter(None, ids)), default=0) > 128:
-                return None
-        elif not all(_id_ok(i) for i in ids):
-            return None
-        return x, ids
+        problems: list[dict] = []
+        checked_ids(ids, "patients", problems)
+        return None if problems else (x, ids)
 
     @staticmethod
     def _convert_units(num: np.ndarray, rows: list[tuple], layout: _Layout) -> bool:
@@ -253,6 +246,8 @@ class CleanBatch:
             where = at_row[at_col == k]
             place, spec = layout.places[k], layout.num_specs[k]
             objs = [rows[i][place] for i in where.tolist()]
+            if any(type(o) is not _Unit for o in objs):  # a real -inf, which msgspec never decodes
+                return False
             units = [o.unit for o in objs]
             convs = {u: spec.unit_for(u) for u in set(units)}
             if any(c is None for c in convs.values()):
@@ -261,10 +256,3 @@ class CleanBatch:
             offset = np.array([convs[u].offset for u in units])  # type: ignore[union-attr]
             num[where, k] = np.array([o.value for o in objs], dtype=np.float64) * factor + offset
         return True
-
-
-def _id_ok(pid: Any) -> bool:
-    """As ``Encoder._ids``: a string of at most 128 characters, a 64-bit integer, or none."""
-    if type(pid) is str:
-        return len(pid) <= 128
-    return pid is None or (type(pid) is int and -(2**63) <= pid < 2**63)

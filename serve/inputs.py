@@ -179,29 +179,8 @@ class Encoder:
 
     @staticmethod
     def _ids(patients: list[dict], where: str, probs: list[dict]) -> list[Any]:
-        """Each patient's ``patient_id`` (None where not given); a bad one is a problem.
-
-        Why two paths: ids are almost always short strings, checked for a whole batch in C loops; only
-        a batch with another kind of id is walked patient by patient to name the bad ones."""
-        ids = list(map(dict.get, patients, repeat(ID_FIELD)))
-        if set(map(type, ids)) <= {str, type(None)} and max(map(len, filter(None, ids)), default=0) <= 128:
-            return ids
-        for i, pid in enumerate(ids):
-            if pid is None:
-                continue
-            if not (
-                (isinstance(pid, str) and len(pid) <= 128) or (type(pid) is int and -(2**63) <= pid < 2**63)
-            ):
-                ids[i] = None
-                probs.append(
-                    problem(
-                        f"{where}[{i}].{ID_FIELD}",
-                        "type",
-                        "patient_id must be a string or an integer (at most 128 characters)",
-                        value=pid,
-                    )
-                )
-        return ids
+        """Each patient's ``patient_id`` (None where not given); a bad one is a problem."""
+        return checked_ids(list(map(dict.get, patients, repeat(ID_FIELD))), where, probs)
 
     def _rows(self, patients: list[dict], where: str, probs: list[dict]) -> list[list[float]]:
         """A few patients, value by value: plain well-formed values (a number in range, a known category,
@@ -437,28 +416,11 @@ class Encoder:
             return math.nan
         return canonical
 
-    def _bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per column: low, high, must-be-integer, required; as float32 like the tensor it checks."""
-        lo, hi, integral, req = [], [], [], []
-        for s in self.specs:
-            if s.kind == "category":
-                lo.append(0), hi.append(len(s.categories or ()) - 1), integral.append(True)
-            elif s.kind == "binary":
-                lo.append(0), hi.append(1), integral.append(True)
-            else:
-                (
-                    lo.append(-np.inf if s.low is None else s.low),
-                    hi.append(np.inf if s.high is None else s.high),
-                )
-                integral.append(False)
-            req.append(s.required)
-        return (np.array(lo, np.float32), np.array(hi, np.float32), np.array(integral), np.array(req))
-
     def check_matrix(self, x: np.ndarray, where: str) -> None:
         """Open Inference Protocol callers send the matrix itself: check codes and ranges all the same,
         in one vectorised pass (the per-problem messages are only built when something is wrong)."""
         if not hasattr(self, "_bnd"):
-            self._bnd = self._bounds()
+            self._bnd = bounds(self.specs, np.float32)  # as float32 as the tensor it checks
         lo, hi, integral, req = self._bnd
         missing = np.isnan(x)
         with np.errstate(invalid="ignore"):
@@ -496,6 +458,47 @@ class Encoder:
                 )
             )
         raise Problems(400, "invalid input tensor", probs)
+
+
+def bounds(specs: list[InputSpec], dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per input, in matrix order: lowest and highest valid value (a category's codes, 0-1 for a 0/1
+    input, ±inf for a number without a range), whether it must be a whole number, whether it is
+    required. For the checks that take a whole matrix at once."""
+    lo, hi, integral, req = [], [], [], []
+    for s in specs:
+        if s.kind == "category":
+            lo.append(0), hi.append(len(s.categories or ()) - 1), integral.append(True)
+        elif s.kind == "binary":
+            lo.append(0), hi.append(1), integral.append(True)
+        else:
+            lo.append(-np.inf if s.low is None else s.low), hi.append(np.inf if s.high is None else s.high)
+            integral.append(False)
+        req.append(s.required)
+    return np.array(lo, dtype), np.array(hi, dtype), np.array(integral), np.array(req)
+
+
+def checked_ids(ids: list[Any], where: str, probs: list[dict]) -> list[Any]:
+    """Patient ids as sent (None where not given): each a string of at most 128 characters or a 64-bit
+    integer; a bad one becomes None and a problem in ``probs``. Both ways of reading patients use it.
+
+    Why two paths: ids are almost always short strings, checked for a whole batch in C loops; only
+    a batch with another kind of id is walked patient by patient to name the bad ones."""
+    if set(map(type, ids)) <= {str, type(None)} and max(map(len, filter(None, ids)), default=0) <= 128:
+        return ids
+    for i, pid in enumerate(ids):
+        if pid is None:
+            continue
+        if not ((isinstance(pid, str) and len(pid) <= 128) or (type(pid) is int and -(2**63) <= pid < 2**63)):
+            ids[i] = None
+            probs.append(
+                problem(
+                    f"{where}[{i}].{ID_FIELD}",
+                    "type",
+                    "patient_id must be a string or an integer (at most 128 characters)",
+                    value=pid,
+                )
+            )
+    return ids
 
 
 def _float(v: int | float) -> float:

@@ -155,6 +155,39 @@ def test_unit_objects_read_to_the_detailed_paths_numbers(onset):
     np.testing.assert_array_equal(got_split[0], want[0])
 
 
+def test_a_minus_infinity_that_is_not_a_unit_marker_is_not_clean(onset):
+    """-inf marks unit objects in the number block; msgspec refuses JSON numbers out of float range, so
+    no real -inf arrives, and if one ever did it would be refused, not read as a unit object."""
+    model, patients = onset
+    clean, layout = model.clean, model.clean.records_layout
+    sent = msgspec.json.encode({"patients": [{**p, "ferritin": 12345.5} for p in patients]})
+    assert clean.read(sent, FIELDS) is not None  # (msgspec writes -inf as null: put it in the text)
+    assert clean.read(sent.replace(b"12345.5", b"-1e999"), FIELDS) is None
+    body = msgspec.json.encode({"patients": patients})
+    decoded = msgspec.structs.astuple(clean.decoder(FIELDS).decode(body))[0]  # fields are f0, f1, ...
+    rows = [list(msgspec.structs.astuple(p)) for p in decoded]
+    assert clean.encode([tuple(r) for r in rows], layout) is not None
+    rows[3][layout.places[0]] = -np.inf
+    assert clean.encode([tuple(r) for r in rows], layout) is None
+
+
+def test_more_column_orders_than_kept_are_all_read(onset):
+    """dataframe_split decoders are kept for MAX_COLUMN_ORDERS column orders; the orders beyond are
+    still read (their decoder is built for the call), to the same numbers."""
+    from serve.clean_batch import MAX_COLUMN_ORDERS
+
+    model, patients = onset
+    names = ["patient_id", *model.encoder.names]
+    rng = random.Random(11)
+    for _ in range(MAX_COLUMN_ORDERS + 5):
+        columns = rng.sample(names, len(names))
+        body = _split(patients[:20], columns)
+        got, want = model.clean.read_split(body), _detailed_split(model, body)
+        assert got is not None
+        np.testing.assert_array_equal(got[0], want[0])
+    assert len(model.clean._split) == MAX_COLUMN_ORDERS
+
+
 def test_random_changes_never_make_the_paths_disagree(onset):
     """400 seeded batches, each with a few values replaced by ones from a pool of the valid, the odd
     and the wrong, sent as patient objects and as a dataframe_split in a random column order: whenever
