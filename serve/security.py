@@ -11,6 +11,7 @@ is set, so that low-entropy lab panels cannot be recovered by hashing guesses.
 
 from __future__ import annotations
 
+import binascii
 import functools
 import hashlib
 import hmac
@@ -18,6 +19,8 @@ import ipaddress
 import os
 import sys
 import time
+from collections.abc import Iterable
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +96,28 @@ class Audit:
         self.key = key.encode() if key else None
         self.encoder = msgspec.json.Encoder()
         self._second, self._stamp = -1, ""  # the time stamp to the second, made once per second
-        self._formats: dict[tuple[str, ...], bytes] = {}  # one line's format per set of output names
         # a hash (or HMAC, key pads already hashed) to copy per row: see input_hashes
         self._hash = hmac.new(self.key, digestmod=hashlib.sha256) if self.key else hashlib.sha256()
 
-    def input_hashes(self, x32: np.ndarray) -> list[str]:
+    def input_hashes(self, x32: np.ndarray) -> list[bytes]:
         """Per row of ``x32``: the first 32 hex digits of sha256 (or HMAC-SHA256 with the audit key) of
-        the row's float32 bytes.
+        the row's float32 bytes, as ASCII bytes.
 
         Why one prepared hash copied per row: creating an HMAC hashes its key pads again, which costs
         more than hashing one 140-byte row; ``copy()`` starts each row from the prepared state (the
         same digest as ``hmac.new(key, row, "sha256")``, ~25% cheaper for 1,000 rows). Why slices of
         one bytes object: a numpy row view and its ``tobytes()`` per row cost more than the hash itself
-        (1,000 rows of 35 inputs: 0.9 against 1.5 ms)."""
+        (1,000 rows of 35 inputs: 0.9 against 1.5 ms). Why the digests joined and turned to hex in one
+        call: a ``hexdigest()`` per row, cut and encoded, costs ~0.1 ms more per 1,000 rows."""
         data = memoryview(np.ascontiguousarray(x32, dtype=np.float32).tobytes())
         width = x32.shape[1] * 4
-        copy, out = self._hash.copy, []
+        copy, digests = self._hash.copy, []
         for start in range(0, len(data), width):
             h = copy()
             h.update(data[start : start + width])
-            out.append(h.hexdigest()[:32])
-        return out
+            digests.append(h.digest()[:16])
+        hexed = binascii.hexlify(b"".join(digests))
+        return [hexed[i : i + 32] for i in range(0, len(hexed), 32)]
 
     def write(
         self,
@@ -130,6 +134,9 @@ class Audit:
         second = int(now)
         if second != self._second:  # strftime costs ~4 µs: once per second, not once per request
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        n = int(x32.shape[0])
+        if n == 0:
+            return
         common = {
             "time": f"{self._stamp}.{int(now * 1000) % 1000:03d}Z",
             "request_id": request_id,
@@ -139,25 +146,26 @@ class Audit:
             "version": model.version,
             "sha256": model.sha256,
             "key": principal,
-            "n": int(x32.shape[0]),
+            "n": n,
         } | (extra or {})  # e.g. the explainer's sha256 on explain requests (explanations are not logged)
-        head = self.encoder.encode(common)[:-1] + b',"index":'  # the shared fields, once per request
         enc = self.encoder.encode
-        # each output column encoded in one call and cut at its commas (numbers and null hold none), so
-        # a line is one bytes format, not one dict and one encode per patient
-        names = tuple(outputs)
-        fmt = self._formats.get(names)
-        if fmt is None:
-            keys = b",".join(enc(k).replace(b"%", b"%%") + b":%s" for k in names)
-            fmt = self._formats[names] = b'%s%d,"input_sha256":"%s","outputs":{' + keys + b"}}\n"
-        columns = [
+        # A line is its pieces in turn: the shared head, the index, the hash, each output's value, the
+        # end. Each column is encoded in one call and cut at its commas (numbers and null hold none),
+        # and the pieces are interleaved and joined in C: no dict, no encode, no format per patient
+        # (1,000 patients: ~0.25 ms less than one bytes format per line, the same bytes).
+        columns = [enc(list(range(n)))[1:-1].split(b","), self.input_hashes(x32)]
+        columns += [
             enc(v)[1:-1].split(b",") if v and _numbers(v) else list(map(enc, v)) for v in outputs.values()
         ]
-        lines = [
-            fmt % (head, i, h.encode(), *values)
-            for i, (h, *values) in enumerate(zip(self.input_hashes(x32), *columns, strict=True))
-        ]
-        data = b"".join(lines)
+        if any(len(c) != n for c in columns):  # zip below stops at the shortest: no line may go missing
+            raise ValueError(f"audit: {n} rows but outputs of lengths {[len(v) for v in outputs.values()]}")
+        keys = [(b'","outputs":{' if i == 0 else b",") + enc(k) + b":" for i, k in enumerate(outputs)]
+        pieces: list[Iterable[bytes]] = [repeat(enc(common)[:-1] + b',"index":'), columns[0]]
+        pieces += [repeat(b',"input_sha256":"'), columns[1]]
+        for key, column in zip(keys, columns[2:], strict=True):
+            pieces += [repeat(key), column]
+        pieces.append(repeat(b"}}\n"))
+        data = b"".join(chain.from_iterable(zip(*pieces, strict=False)))  # repeat() pieces are endless
         while data:  # a regular file takes it in one call; a pipe (stderr) may take it in parts
             data = data[os.write(self.fd, data) :]
 
