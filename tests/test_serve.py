@@ -761,6 +761,30 @@ def test_audit_input_hash_is_sha256_or_hmac_of_the_row_bytes(key, monkeypatch, t
     assert {(r["request_id"], r["model"], r["version"], r["n"]) for r in lines} == {("req-1", "m", "3", 5)}
 
 
+def test_audit_lines_hold_every_output_and_refuse_a_column_of_the_wrong_length(tmp_path):
+    """Lines are joined from per-column pieces: several outputs (numbers, null, text with a comma) each
+    land in their own line's ``outputs``, and a column shorter than the batch raises instead of leaving
+    patients out of the log."""
+    from types import SimpleNamespace
+
+    from serve.security import Audit
+
+    path = tmp_path / "audit.jsonl"
+    audit = Audit(str(path))
+    model = SimpleNamespace(name="m", task="il1_benefit", version="3", sha256="ab" * 32)
+    x = np.zeros((3, 4), dtype=np.float32)
+    outputs = {"benefit": [0.1, None, -0.2], "risk_treated": [1, 0.5, None], "note": ["a,b", None, "c"]}
+    audit.write("req-2", "predict", model, x, outputs, None, {"explainer_sha256": "cd" * 32})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["outputs"] for r in lines] == [
+        dict(zip(outputs, v, strict=True)) for v in zip(*outputs.values(), strict=True)
+    ]
+    assert {r["explainer_sha256"] for r in lines} == {"cd" * 32} and [r["index"] for r in lines] == [0, 1, 2]
+    with pytest.raises(ValueError, match="3 rows but outputs of lengths \\[2\\]"):
+        audit.write("req-3", "predict", model, x, {"risk": [0.1, 0.2]}, None)
+    assert len(path.read_text().splitlines()) == 3
+
+
 def test_request_ids_are_unique_across_requests_and_forked_workers(server):
     """Ids the server mints (no ``x-request-id`` sent) are 32 hex digits, never repeated; a forked process
     draws a new random prefix, so two workers forked from one parent cannot hand out the same id."""
