@@ -159,9 +159,9 @@ class Audit:
         ]
         if any(len(c) != n for c in columns):  # zip below stops at the shortest: no line may go missing
             raise ValueError(f"audit: {n} rows but outputs of lengths {[len(v) for v in outputs.values()]}")
-        keys = [(b'","outputs":{' if i == 0 else b",") + enc(k) + b":" for i, k in enumerate(outputs)]
+        keys = [(b"," if i else b"") + enc(k) + b":" for i, k in enumerate(outputs)]
         pieces: list[Iterable[bytes]] = [repeat(enc(common)[:-1] + b',"index":'), columns[0]]
-        pieces += [repeat(b',"input_sha256":"'), columns[1]]
+        pieces += [repeat(b',"input_sha256":"'), columns[1], repeat(b'","outputs":{')]
         for key, column in zip(keys, columns[2:], strict=True):
             pieces += [repeat(key), column]
         pieces.append(repeat(b"}}\n"))

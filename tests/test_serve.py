@@ -780,9 +780,11 @@ def test_audit_lines_hold_every_output_and_refuse_a_column_of_the_wrong_length(t
         dict(zip(outputs, v, strict=True)) for v in zip(*outputs.values(), strict=True)
     ]
     assert {r["explainer_sha256"] for r in lines} == {"cd" * 32} and [r["index"] for r in lines] == [0, 1, 2]
+    audit.write("req-4", "predict", model, x[:1], {}, None)  # no outputs: still a whole JSON line
+    assert json.loads(path.read_text().splitlines()[-1])["outputs"] == {}
     with pytest.raises(ValueError, match="3 rows but outputs of lengths \\[2\\]"):
         audit.write("req-3", "predict", model, x, {"risk": [0.1, 0.2]}, None)
-    assert len(path.read_text().splitlines()) == 3
+    assert len(path.read_text().splitlines()) == 4
 
 
 def test_request_ids_are_unique_across_requests_and_forked_workers(server):
